@@ -1,0 +1,21 @@
+"""Small models for fast CPU tests: every part of the real architecture, at toy width."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from VLDUNLib.config import PriorConfig, VLDUNConfig, make_config
+
+TINY_PRIOR = PriorConfig(
+    image_size=32, patch_size=16, vision_width=32, vision_layers=1, vision_head_width=16,
+    text_width=32, text_heads=2, text_layers=1, embed_dim=16,
+)
+
+
+def tiny_config(**overrides: Any) -> VLDUNConfig:
+    """The compact preset shrunk: 2 levels (3 stages), 8 channels, tiny CLIP."""
+    base: dict[str, Any] = dict(channels=8, levels=2, blocks=(1, 1), d_state=4, expand=1.0, attn_heads=2,
+                                num_classes=4, prior=TINY_PRIOR)
+    base.update(overrides)
+    ablation = base.pop("ablation", "full")
+    return make_config("compact", ablation, **base)

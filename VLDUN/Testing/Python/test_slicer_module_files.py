@@ -1,0 +1,263 @@
+"""Checks of the Slicer-side files that need neither Slicer nor torch.
+
+They catch what otherwise shows up only inside Slicer or on the extension build machines: a widget
+name that the module uses but the .ui file lacks, a library file missing from the packaged
+extension, a catalog entry the Extensions Index rejects, or an import that breaks the first load
+of the module before its dependencies are installed. Standard library only, so the same file runs
+under pytest and as a Slicer ctest (unittest classes).
+"""
+
+import ast
+import json
+import py_compile
+import re
+import struct
+import sys
+import tempfile
+import unittest
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+MODULE_DIR = REPO / "VLDUN"
+MODULE_PY = MODULE_DIR / "VLDUN.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "VLDUN.ui"
+MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
+TOP_CMAKE = REPO / "CMakeLists.txt"
+CATALOG_ENTRY = REPO / "VLDUN.json"
+
+EXPECTED_WIDGET_CLASSES = {
+    "inputSelector": "qMRMLNodeComboBox",
+    "outputVolumeSelector": "qMRMLNodeComboBox",
+    "outputSegmentationSelector": "qMRMLNodeComboBox",
+    "modelComboBox": "QComboBox",
+    "weightsPathLineEdit": "ctkPathLineEdit",
+    "deviceComboBox": "QComboBox",
+    "degradationComboBox": "QComboBox",
+    "applyButton": "QPushButton",
+    "progressBar": "QProgressBar",
+    "detectedCollapsibleButton": "ctkCollapsibleButton",
+    "modalityLabel": "QLabel",
+    "detectedDegradationLabel": "QLabel",
+    "outOfDistributionLabel": "QLabel",
+}
+
+# Slicer/Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json ("additionalProperties": false).
+CATALOG_SCHEMA_URL = (
+    "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json"
+)
+CATALOG_REQUIRED_KEYS = {"$schema", "category", "scm_url"}
+CATALOG_ALLOWED_KEYS = CATALOG_REQUIRED_KEYS | {
+    "scm_revision", "scm_type", "build_dependencies", "dicom_support_rule", "build_subdirectory", "enabled", "tier",
+}
+
+EXTENSION_METADATA = (
+    "EXTENSION_HOMEPAGE",
+    "EXTENSION_CATEGORY",
+    "EXTENSION_CONTRIBUTORS",
+    "EXTENSION_DESCRIPTION",
+    "EXTENSION_ICONURL",
+    "EXTENSION_SCREENSHOTURLS",
+    "EXTENSION_DEPENDS",
+)
+
+SLICER_PROVIDED_MODULES = {"qt", "ctk", "vtk", "slicer"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def uiWidgetClasses() -> dict[str, str]:
+    return {widget.get("name"): widget.get("class") for widget in ElementTree.parse(UI_FILE).iter("widget")}
+
+
+def uiWidget(name: str) -> ElementTree.Element:
+    return next(w for w in ElementTree.parse(UI_FILE).iter("widget") if w.get("name") == name)
+
+
+def uiProperty(widget: ElementTree.Element, name: str) -> ElementTree.Element | None:
+    """Only the widget's own properties: nested layouts carry properties of other widgets."""
+    return next((p for p in widget.findall("property") if p.get("name") == name), None)
+
+
+def parameterBindings() -> dict[str, str]:
+    """Widget name -> SlicerParameterName, the dynamic property connectGui binds by."""
+    bindings = {}
+    for widget in ElementTree.parse(UI_FILE).iter("widget"):
+        prop = uiProperty(widget, "SlicerParameterName")
+        if prop is not None:
+            bindings[widget.get("name")] = prop.findtext("string")
+    return bindings
+
+
+def moduleTree() -> ast.Module:
+    return ast.parse(MODULE_PY.read_text(encoding="utf-8"))
+
+
+def parameterNodeFields() -> dict[str, str]:
+    """Field name -> annotation source of the @parameterNodeWrapper class in VLDUN.py."""
+    for node in moduleTree().body:
+        decorators = [ast.unparse(d) for d in getattr(node, "decorator_list", [])]
+        if isinstance(node, ast.ClassDef) and "parameterNodeWrapper" in decorators:
+            return {s.target.id: ast.unparse(s.annotation) for s in node.body if isinstance(s, ast.AnnAssign)}
+    raise AssertionError("VLDUN.py has no @parameterNodeWrapper class")
+
+
+def cmakeList(name: str) -> list[str]:
+    """Entries of `set(name ...)` in VLDUN/CMakeLists.txt, with ${MODULE_NAME} expanded."""
+    text = MODULE_CMAKE.read_text(encoding="utf-8")
+    match = re.search(rf"set\(\s*{name}\s+(.*?)\)", text, re.DOTALL)
+    if match is None:
+        raise AssertionError(f"VLDUN/CMakeLists.txt does not set {name}")
+    return [entry.replace("${MODULE_NAME}", "VLDUN") for entry in match.group(1).split()]
+
+
+def cmakeVariables(path: Path) -> dict[str, str]:
+    """Quoted `set(VAR "value")` assignments of a CMake file."""
+    return dict(re.findall(r'set\(\s*(\w+)\s+"([^"]*)"\s*\)', path.read_text(encoding="utf-8")))
+
+
+def pngSize(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        raise AssertionError(f"{path} is not a PNG file")
+    return struct.unpack(">II", data[16:24])
+
+
+class UiFileTest(unittest.TestCase):
+    def test_every_widget_the_module_uses_exists_in_the_ui_file(self):
+        used = set(re.findall(r"self\.ui\.(\w+)", MODULE_PY.read_text(encoding="utf-8")))
+        missing = used - set(uiWidgetClasses())
+        self.assertEqual(missing, set(), f"VLDUN.py uses widgets that VLDUN.ui lacks: {sorted(missing)}")
+
+    def test_key_widgets_have_the_expected_class(self):
+        classes = uiWidgetClasses()
+        for name, expected in EXPECTED_WIDGET_CLASSES.items():
+            self.assertEqual(classes.get(name), expected, name)
+
+    def test_bound_widgets_name_fields_of_the_parameter_node(self):
+        fields = parameterNodeFields()
+        for widget, parameter in parameterBindings().items():
+            self.assertIn(parameter, fields, f"{widget} binds to unknown parameter {parameter!r}")
+
+    def test_node_selectors_offer_the_node_type_of_their_parameter(self):
+        fields = parameterNodeFields()
+        classes = uiWidgetClasses()
+        for widget, parameter in parameterBindings().items():
+            if classes[widget] == "qMRMLNodeComboBox":
+                nodeTypes = [s.text for s in uiProperty(uiWidget(widget), "nodeTypes").iter("string")]
+                self.assertEqual(nodeTypes, [fields[parameter]], widget)
+
+    def test_node_selectors_receive_the_scene(self):
+        root = ElementTree.parse(UI_FILE).getroot()
+        topName = root.find("widget").get("name")
+        receivers = {
+            c.findtext("receiver")
+            for c in root.iter("connection")
+            if c.findtext("sender") == topName
+            and c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+            and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"
+        }
+        selectors = {name for name, cls in uiWidgetClasses().items() if cls == "qMRMLNodeComboBox"}
+        self.assertEqual(selectors - receivers, set())
+
+    def test_non_qt_widget_classes_are_declared_as_custom_widgets(self):
+        root = ElementTree.parse(UI_FILE).getroot()
+        declared = {c.findtext("class") for c in root.iter("customwidget")}
+        used = {cls for cls in uiWidgetClasses().values() if not cls.startswith("Q")}
+        self.assertEqual(used - declared, set())
+
+
+class PackagingTest(unittest.TestCase):
+    def test_every_library_file_is_packaged(self):
+        listed = set(cmakeList("MODULE_PYTHON_SCRIPTS"))
+        existing = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "VLDUNLib").glob("*.py")}
+        self.assertEqual(existing - listed, set(), "add these to MODULE_PYTHON_SCRIPTS")
+        self.assertIn("VLDUN.py", listed)
+
+    def test_every_resource_is_packaged(self):
+        listed = set(cmakeList("MODULE_PYTHON_RESOURCES"))
+        existing = {
+            p.relative_to(MODULE_DIR).as_posix()
+            for p in (MODULE_DIR / "Resources").rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        }
+        self.assertEqual(existing - listed, set(), "add these to MODULE_PYTHON_RESOURCES")
+
+    def test_every_packaged_file_exists(self):
+        listed = cmakeList("MODULE_PYTHON_SCRIPTS") + cmakeList("MODULE_PYTHON_RESOURCES")
+        self.assertEqual(len(listed), len(set(listed)), "a file is listed twice")
+        missing = [entry for entry in listed if not (MODULE_DIR / entry).is_file()]
+        self.assertEqual(missing, [], "the extension build fails on files listed but absent")
+
+    def test_module_self_test_and_file_checks_are_registered_with_ctest(self):
+        module = MODULE_CMAKE.read_text(encoding="utf-8")
+        testingBlock = re.search(r"if\(BUILD_TESTING\)(.*?)endif\(\)", module, re.DOTALL).group(1)
+        self.assertIn("slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)", testingBlock)
+        self.assertIn("add_subdirectory(Testing)", testingBlock)
+        testing = (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").read_text(encoding="utf-8")
+        self.assertIn(f"slicer_add_python_unittest(SCRIPT {Path(__file__).name})", testing)
+
+
+class ExtensionMetadataTest(unittest.TestCase):
+    def test_top_level_cmake_describes_and_builds_the_extension(self):
+        text = TOP_CMAKE.read_text(encoding="utf-8")
+        variables = cmakeVariables(TOP_CMAKE)
+        for name in EXTENSION_METADATA:
+            self.assertTrue(variables.get(name, "").strip(), f"{name} is not set")
+        self.assertIn("project(VLDUN)", text)
+        self.assertIn("add_subdirectory(VLDUN)", text)
+        self.assertIn("include(${Slicer_EXTENSION_CPACK})", text)
+
+    def test_icon_url_points_at_the_repository_icon(self):
+        variables = cmakeVariables(TOP_CMAKE)
+        repository = variables["EXTENSION_HOMEPAGE"].removeprefix("https://github.com/")
+        self.assertEqual(
+            variables["EXTENSION_ICONURL"], f"https://raw.githubusercontent.com/{repository}/main/VLDUN.png")
+
+    def test_catalog_entry_follows_schema_v1_0_2(self):
+        entry = json.loads(CATALOG_ENTRY.read_text(encoding="utf-8"))
+        self.assertEqual(entry["$schema"], CATALOG_SCHEMA_URL)
+        self.assertLessEqual(CATALOG_REQUIRED_KEYS, set(entry))
+        self.assertLessEqual(set(entry), CATALOG_ALLOWED_KEYS)
+        self.assertIsInstance(entry["tier"], int)
+        self.assertTrue(1 <= entry["tier"] <= 5)
+        self.assertTrue(all(isinstance(d, str) for d in entry["build_dependencies"]))
+
+    def test_catalog_entry_agrees_with_the_cmake_metadata(self):
+        entry = json.loads(CATALOG_ENTRY.read_text(encoding="utf-8"))
+        variables = cmakeVariables(TOP_CMAKE)
+        self.assertEqual(entry["scm_url"], variables["EXTENSION_HOMEPAGE"])
+        self.assertEqual(entry["category"], variables["EXTENSION_CATEGORY"])
+        self.assertEqual(entry["build_dependencies"], variables["EXTENSION_DEPENDS"].split(";"))
+
+    def test_icons_are_the_same_128_pixel_png(self):
+        extensionIcon = REPO / "VLDUN.png"
+        moduleIcon = MODULE_DIR / "Resources" / "Icons" / "VLDUN.png"
+        self.assertEqual(pngSize(extensionIcon), (128, 128))
+        self.assertEqual(extensionIcon.read_bytes(), moduleIcon.read_bytes())
+
+    def test_license_is_apache_2(self):
+        text = (REPO / "LICENSE.txt").read_text(encoding="utf-8")
+        self.assertIn("Apache License", text)
+        self.assertIn("Version 2.0, January 2004", text)
+        self.assertIn("END OF TERMS AND CONDITIONS", text)
+
+
+class ModuleSourceTest(unittest.TestCase):
+    def test_module_compiles(self):
+        with tempfile.TemporaryDirectory() as directory:
+            py_compile.compile(str(MODULE_PY), cfile=str(Path(directory) / "VLDUN.pyc"), doraise=True)
+
+    def test_top_level_imports_are_standard_library_or_slicer(self):
+        """torch and VLDUNLib are absent on the first load, before the module installs its dependencies."""
+        allowed = set(sys.stdlib_module_names) | SLICER_PROVIDED_MODULES
+        imported = set()
+        for node in moduleTree().body:
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add((node.module or "").split(".")[0])
+        self.assertEqual(imported - allowed, set())
+
+    def test_slicer_finds_the_module_widget_and_test_classes(self):
+        classes = {node.name for node in moduleTree().body if isinstance(node, ast.ClassDef)}
+        self.assertLessEqual({"VLDUN", "VLDUNWidget", "VLDUNTest"}, classes)

@@ -1,0 +1,88 @@
+"""Weights: safetensors only, SHA-256 checked, config validated before anything runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model_factory import tiny_config
+from VLDUNLib.network import VLDUN
+from VLDUNLib.weights import ModelInfo, WeightsError, load_model, save_weights
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = VLDUN(config).eval()
+    info = ModelInfo(config, ["background", "A/x", "A/y", "B/z"], {"A": [1, 2], "B": [3]}, 0.4)
+    path = tmp_path / "model.safetensors"
+    save_weights(model, info, path)
+    return model, path
+
+
+def test_round_trip_gives_the_same_outputs(saved):
+    model, path = saved
+    loaded, info = load_model(path)
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x).restored, loaded(x).restored)
+    assert info.dataset_classes == {"A": [1, 2], "B": [3]} and info.ood_threshold == 0.4
+
+
+def test_sha256_is_in_the_config(saved):
+    _, path = saved
+    import hashlib
+
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_tampered_weights_are_refused(saved):
+    _, path = saved
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="SHA-256"):
+        load_model(path)
+
+
+def edit_config(path, change):
+    json_path = path.with_suffix(".json")
+    meta = json.loads(json_path.read_text())
+    change(meta)
+    json_path.write_text(json.dumps(meta))
+
+
+def test_unknown_preset_is_refused(saved):
+    _, path = saved
+    edit_config(path, lambda m: m["config"].update(preset="huge"))
+    with pytest.raises(WeightsError, match="unknown preset"):
+        load_model(path)
+
+
+def test_missing_class_names_are_refused(saved):
+    _, path = saved
+    edit_config(path, lambda m: m.update(classes=["background"]))
+    with pytest.raises(WeightsError, match="class names"):
+        load_model(path)
+
+
+def test_mismatched_tensor_shapes_are_refused(saved):
+    _, path = saved
+    edit_config(path, lambda m: m["config"].update(channels=16))
+    with pytest.raises(WeightsError, match="shape"):
+        load_model(path)
+
+
+def test_pickles_and_missing_configs_are_refused(saved, tmp_path):
+    _, path = saved
+    pickled = tmp_path / "model.pt"
+    pickled.write_bytes(b"\x80\x04")
+    with pytest.raises(WeightsError, match="safetensors"):
+        load_model(pickled)
+    path.with_suffix(".json").unlink()
+    with pytest.raises(WeightsError, match="missing"):
+        load_model(path)

@@ -1,0 +1,129 @@
+"""`vldun`: the command line of the library (demo, predict, train, evaluate, complexity, benchmark)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _complexity(args: argparse.Namespace) -> int:
+    from .complexity import complexity
+
+    result = complexity(args.preset, size=args.size, repeats=args.repeats, threads=args.threads)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"preset {result['preset']}")
+    print(f"  parameters (unfolding network + heads): {result['params'] / 1e6:.2f} M")
+    print(f"  parameters (CLIP prior, run once per volume): {result['prior_params'] / 1e6:.2f} M")
+    print(f"  FLOPs at {args.size}x{args.size}: {result['flops_256'] / 1e9:.1f} GFLOP (2 FLOP per multiply-add)")
+    print(f"  prior FLOPs per call: {result['prior_flops'] / 1e9:.2f} GFLOP")
+    print(
+        f"  CPU latency: {result['cpu_ms_per_slice_256']:.0f} ms per slice "
+        f"(median of {args.repeats}, spread {result['cpu_ms_spread']:.0f} ms, {result['threads']} threads)"
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), weights=args.weights, slices=args.slices)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import predict_file
+
+    predict_file(Path(args.input), Path(args.out), weights=args.weights, device=args.device,
+                 batch_size=args.batch_size, degradation=args.degradation)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train_from_file
+
+    train_from_file(Path(args.config), resume=args.resume)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_command
+
+    evaluate_command(args)
+    return 0
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import benchmark_command
+
+    benchmark_command(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vldun", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("complexity", help="parameters, FLOPs at 256x256 and CPU latency of a preset")
+    p.add_argument("--preset", default="compact")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_complexity)
+
+    p = sub.add_parser("demo", help="degrade, restore and segment a built-in real brain MRI sample")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--weights", default=None, help="a .safetensors model (default: the shipped weights)")
+    p.add_argument("--slices", type=int, default=12)
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("predict", help="restore and segment a volume file (NIfTI/NRRD/MHA)")
+    p.add_argument("input")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--degradation", default=None, help="known degradation instead of the detected one")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("train", help="train both stages from a YAML run config")
+    p.add_argument("config")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="PSNR/SSIM/Dice/IoU report on datasets in the nnU-Net layout")
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--ablation", default=None, help="evaluate the weights of this Table 3 ablation")
+    p.add_argument("--acceleration", type=float, default=4.0)
+    p.add_argument("--center-fraction", type=float, default=0.08)
+    p.add_argument("--spokes", type=int, default=60)
+    p.add_argument("--size", type=int, default=128, help="slices are resized so the longer side is this")
+    p.add_argument("--max-cases", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("benchmark", help="speed and memory of each preset (and peers)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--peer", action="append", default=[], help="NAME=PATH of a peer checkout, e.g. promptir=../PromptIR")
+    p.add_argument("--quick", action="store_true")
+    p.set_defaults(func=_benchmark)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"vldun {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

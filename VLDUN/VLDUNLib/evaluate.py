@@ -1,0 +1,312 @@
+"""`vldun evaluate`: the paper's Table 1 metrics on any dataset folder in the nnU-Net layout.
+
+Protocol (fixed, seeded, written into every report): each slice is normalised to [0, 1] by the shared
+normalisation (`intensity.fit_window` per volume, then clipped), resized so its longer side is `size`
+(as in training), and degraded by Cartesian undersampling (MRI; acceleration 4, 8 % centre) or radial
+sparse-view sampling (CT; 60 spokes), with a generator seeded by the case name. PSNR and SSIM (data
+range 1) compare the degraded input and the restored output with the clean slice, averaged over the
+non-empty slices of a case, then over cases. Dice and IoU are computed per case over the whole volume,
+then averaged over cases; a class absent from both prediction and reference in a case is left out.
+
+When a dataset is one the model was trained on (same folder name), only its held-out validation
+cases are evaluated; otherwise every case is, and modality accuracy is replaced by the share of
+cases flagged as unlike the training data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from argparse import Namespace
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ABLATIONS
+from .data import CaseLike, DatasetInfo, load_case, read_datasets, resize_slices, split_cases
+from .degradations import (
+    DEGRADATIONS,
+    gaussian_blur,
+    gaussian_noise,
+    low_resolution,
+    motion,
+    sparse_view_ct,
+    undersample_mri,
+)
+from .inference import VolumePredictor, prior_slice_indices
+from .intensity import fit_window, normalize, to_unit_range
+from .metrics import dice, iou, psnr, ssim
+from .weights import DEFAULT_WEIGHTS, MODELS_DIR
+
+TUMOUR_CLASSES = {"necrosis", "edema", "non_enhancing", "enhancing"}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    acceleration: float = 4.0
+    center_fraction: float = 0.08
+    spokes: int = 60
+    size: int = 128
+
+    def describe(self) -> str:
+        return (
+            f"MRI: Cartesian undersampling, acceleration {self.acceleration:g}, {self.center_fraction:.0%} fully "
+            f"sampled centre, random lines; CT: radial sparse-view sampling, {self.spokes} spokes; slices "
+            f"normalised to [0, 1] by the shared normalisation and resized to longer side {self.size}; "
+            "PSNR/SSIM with data range 1; seeds from the case names"
+        )
+
+
+def case_seed(case_id: str, channel: int) -> int:
+    return int(hashlib.sha256(f"{case_id}/{channel}".encode()).hexdigest()[:12], 16)
+
+
+def degrade_protocol(clean: torch.Tensor, imaging: str, protocol: Protocol, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if imaging == "CT":
+        return sparse_view_ct(clean, protocol.spokes, generator).image
+    return undersample_mri(clean, protocol.acceleration, protocol.center_fraction, generator=generator).image
+
+
+def primitive_trials(clean: torch.Tensor, imaging: str, protocol: Protocol, seed: int) -> list[tuple[int, torch.Tensor]]:
+    """(label, degraded) pairs of known degradation for measuring the degradation prior's accuracy."""
+    generator = torch.Generator().manual_seed(seed)
+    trials = [
+        gaussian_noise(clean, 0.06, generator),
+        gaussian_blur(clean, 1.5),
+        motion(clean, 5.0, generator),
+        low_resolution(clean, 3.0),
+    ]
+    protocol_kind = "sparse_view" if imaging == "CT" else "undersampling"
+    trials.append(type(trials[0])(degrade_protocol(clean, imaging, protocol, seed), DEGRADATIONS.index(protocol_kind)))
+    return [(t.label, t.image) for t in trials]
+
+
+class Evaluator:
+    def __init__(self, predictor: VolumePredictor, protocol: Protocol) -> None:
+        self.predictor = predictor
+        self.model = predictor.model
+        self.info = predictor.info
+        self.protocol = protocol
+        self.trained_on = set(self.info.extra.get("datasets", []))
+
+    def cases(self, dataset: DatasetInfo, max_cases: int | None) -> list[CaseLike]:
+        """The held-out split (same seed and fraction as training) of a training dataset, else every case."""
+        if dataset.name in self.trained_on:
+            run = self.info.extra.get("run", {})
+            _, cases = split_cases(dataset, run.get("val_fraction", 0.2), run.get("seed", 0))
+        else:
+            cases = list(dataset.cases)
+        return cases[:max_cases] if max_cases else cases
+
+    @torch.no_grad()
+    def run_case(self, dataset: DatasetInfo, case: CaseLike, channel: int) -> dict[str, Any]:
+        image, label = load_case(case, channel)
+        clean_np = to_unit_range(normalize(image, fit_window(image)))
+        clean = torch.from_numpy(resize_slices(clean_np, self.protocol.size, "image"))[:, None]
+        reference = resize_slices(label, self.protocol.size, "label") if label is not None else None
+        seed = case_seed(case.case_id, channel)
+        degraded = degrade_protocol(clean, dataset.imaging, self.protocol, seed)
+        device = self.predictor.device
+        rep = prior_slice_indices(len(clean))
+        prior = self.model.compute_prior(degraded[rep].to(device))
+        prior = prior.pooled() if prior is not None else None
+        detection = self.predictor.detection(prior)
+        restored, logits = [], []
+        for start in range(0, len(clean), 16):
+            part = degraded[start : start + 16].to(device)
+            out = self.model(part, prior.expand(len(part)) if prior is not None else None)
+            if out.restored is not None:
+                restored.append(out.restored.clamp(0, 1).cpu())
+            if out.seg_logits is not None:
+                logits.append(out.seg_logits.cpu())
+        result: dict[str, Any] = {"detection": detection}
+        nonempty = [i for i in range(len(clean)) if clean[i].max() > 0]
+        result["input"] = slice_metrics(degraded, clean, nonempty)
+        if restored:
+            restored_t = torch.cat(restored)
+            result["model"] = slice_metrics(restored_t, clean, nonempty)
+            result["restored"] = restored_t
+        result["degraded"], result["clean"] = degraded, clean
+        if logits and reference is not None and dataset.short_name in self.info.dataset_classes:
+            result["labels"] = self.dataset_labels(torch.cat(logits), dataset.short_name)
+            result["reference"] = reference
+        result["degradation_hits"] = self.degradation_hits(clean[rep], dataset.imaging, seed)
+        return result
+
+    def dataset_labels(self, logits: torch.Tensor, short_name: str) -> np.ndarray:
+        """Argmax over background + the dataset's own classes, numbered as in its dataset.json."""
+        ids = torch.tensor([0] + self.info.dataset_classes[short_name])
+        return logits.index_select(1, ids).argmax(1).numpy().astype(np.uint8)
+
+    def degradation_hits(self, clean: torch.Tensor, imaging: str, seed: int) -> list[bool]:
+        hits = []
+        device = self.predictor.device
+        for label, degraded in primitive_trials(clean, imaging, self.protocol, seed):
+            prior = self.model.compute_prior(degraded.to(device))
+            if prior is None:
+                return []
+            hits.append(int(prior.pooled().degradation_probs.argmax()) == label)
+        return hits
+
+    def evaluate(self, dataset: DatasetInfo, max_cases: int | None, montage_dir: Path | None) -> dict[str, Any]:
+        cases = self.cases(dataset, max_cases)
+        class_names = {v: k for k, v in dataset.labels.items() if v != 0}
+        rows: list[dict[str, Any]] = []
+        montage_rows = []
+        for case in cases:
+            for channel, channel_name in sorted(dataset.channels.items()):
+                result = self.run_case(dataset, case, channel)
+                result["truth"] = f"{dataset.short_name}/{channel_name}"
+                rows.append(summarise_case(result, class_names))
+                if len(montage_rows) < 3 and "restored" in result:
+                    montage_rows.append(result)
+        if montage_dir is not None and montage_rows:
+            save_montage(montage_rows, montage_dir / f"{dataset.name}.png")
+        return aggregate(rows, len(cases), self.model.config.modalities)
+
+
+def slice_metrics(pred: torch.Tensor, clean: torch.Tensor, indices: list[int]) -> dict[str, float]:
+    values = [(psnr(pred[i, 0].numpy(), clean[i, 0].numpy()), ssim(pred[i, 0].numpy(), clean[i, 0].numpy())) for i in indices]
+    return {"psnr": float(np.mean([v[0] for v in values])), "ssim": float(np.mean([v[1] for v in values]))}
+
+
+def summarise_case(result: dict[str, Any], class_names: dict[int, str]) -> dict[str, Any]:
+    det = result["detection"]
+    row: dict[str, Any] = {
+        "input": result["input"],
+        "model": dict(result.get("model", {})),
+        "truth": result["truth"],
+        "modality_correct": det.modality == result["truth"],
+        "ood": det.out_of_distribution,
+        "degradation_hits": result["degradation_hits"],
+    }
+    if "labels" in result:
+        pred, ref = result["labels"], result["reference"]
+        row["dice"] = {name: dice(pred, ref, value) for value, name in class_names.items()}
+        row["iou"] = {name: iou(pred, ref, value) for value, name in class_names.items()}
+        if TUMOUR_CLASSES & set(class_names.values()):
+            row["dice"]["whole_tumor"] = dice((pred > 0).astype(np.uint8), (ref > 0).astype(np.uint8), 1)
+    return row
+
+
+def mean_defined(values: list[float | None]) -> float | None:
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
+
+
+def aggregate(rows: list[dict[str, Any]], cases: int, modalities: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "cases": cases,
+        "input": {k: mean_defined([r["input"][k] for r in rows]) for k in ("psnr", "ssim")},
+        "model": {k: mean_defined([r["model"].get(k) for r in rows]) for k in ("psnr", "ssim")},
+    }
+    if any("dice" in r for r in rows):
+        names = [n for n in rows[0]["dice"] if n != "whole_tumor"]
+        out["model"]["dice"] = {n: mean_defined([r["dice"][n] for r in rows]) for n in rows[0]["dice"]}
+        out["model"]["iou"] = {n: mean_defined([r["iou"][n] for r in rows]) for n in names}
+        out["model"]["dice_mean"] = mean_defined([out["model"]["dice"][n] for n in names])
+        out["model"]["iou_mean"] = mean_defined([out["model"]["iou"][n] for n in names])
+    known = all(r["truth"] in modalities for r in rows)
+    out["modality_accuracy"] = mean_defined([float(r["modality_correct"]) for r in rows]) if known else None
+    out["ood_fraction"] = mean_defined([float(r["ood"]) for r in rows])
+    hits = [h for r in rows for h in r["degradation_hits"]]
+    out["degradation_accuracy"] = float(np.mean(hits)) if hits else None
+    return out
+
+
+def save_montage(results: list[dict[str, Any]], path: Path) -> None:
+    """Degraded / restored / clean / segmentation overlay, one row per case (its middle slice)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 4, figsize=(12, 3.2 * len(results)), squeeze=False)
+    for row, result in zip(axes, results):
+        k = len(result["clean"]) // 2
+        images = (result["degraded"][k, 0], result["restored"][k, 0], result["clean"][k, 0])
+        for ax, image, title in zip(row, images, ("degraded", "restored", "clean")):
+            ax.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title)
+        row[3].imshow(result["restored"][k, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+        if "labels" in result:
+            row[3].imshow(np.ma.masked_equal(result["labels"][k], 0), cmap="tab10", alpha=0.5, interpolation="nearest")
+            row[3].contour(result["reference"][k] > 0, levels=[0.5], colors="yellow", linewidths=0.8)
+        row[3].set_title("segmentation (yellow: reference)")
+        for ax in row:
+            ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """Rows like the paper's Table 1: PSNR / SSIM / Dice per dataset and their average."""
+    names = list(report["datasets"])
+    header = "| Method | " + " | ".join(f"{n} PSNR | {n} SSIM | {n} Dice" for n in names) + " | Avg PSNR | Avg SSIM | Avg Dice |"
+    lines = [header, "|" + "---|" * (1 + 3 * len(names) + 3)]
+    for row_name, key in (("Degraded input", "input"),) + tuple((m, m) for m in report.get("models", ["model"])):
+        cells, psnrs, ssims, dices = [], [], [], []
+        for n in names:
+            entry = report["datasets"][n].get(key, {})
+            p, s, d = entry.get("psnr"), entry.get("ssim"), entry.get("dice_mean")
+            psnrs.append(p), ssims.append(s), dices.append(d)
+            cells += [fmt(p, 2), fmt(s, 4), fmt(d, 4)]
+        cells += [fmt(mean_defined(psnrs), 2), fmt(mean_defined(ssims), 4), fmt(mean_defined(dices), 4)]
+        lines.append(f"| {row_name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def fmt(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def ablation_weights(name: str) -> Path:
+    if name not in ABLATIONS:
+        raise ValueError(f"Unknown ablation {name!r}; choose one of {sorted(ABLATIONS)}.")
+    return DEFAULT_WEIGHTS if name == "full" else MODELS_DIR / "ablations" / f"vldun_compact_{name}.safetensors"
+
+
+def check_ablation(predictor: VolumePredictor, name: str) -> None:
+    config = predictor.model.config
+    wrong = {k: v for k, v in ABLATIONS[name].items() if getattr(config, k) != v}
+    if wrong:
+        raise ValueError(f"These weights are not the {name!r} ablation (config differs in {sorted(wrong)}).")
+
+
+def evaluate_command(args: Namespace) -> dict[str, Any]:
+    weights = args.weights or (ablation_weights(args.ablation) if args.ablation else None)
+    protocol = Protocol(args.acceleration, args.center_fraction, args.spokes, args.size)
+    predictor = VolumePredictor(weights, device=args.device)
+    if args.ablation:
+        check_ablation(predictor, args.ablation)
+    return write_report(predictor, read_datasets(args.data), protocol, Path(args.out), args.max_cases,
+                        str(weights or DEFAULT_WEIGHTS))
+
+
+def write_report(
+    predictor: VolumePredictor,
+    datasets: list[DatasetInfo],
+    protocol: Protocol,
+    out: Path,
+    max_cases: int | None,
+    weights_name: str,
+) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    evaluator = Evaluator(predictor, protocol)
+    report: dict[str, Any] = {
+        "protocol": protocol.describe(),
+        "weights": weights_name,
+        "architecture": predictor.model.config.architecture,
+        "datasets": {d.name: evaluator.evaluate(d, max_cases, out / "montages") for d in datasets},
+    }
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "table.md").write_text(f"Protocol: {protocol.describe()}\n\nWeights: {weights_name}\n\n" + markdown_table(report))
+    print(markdown_table(report))
+    print(f"Report written to {out}/ (metrics.json, table.md, montages/)")
+    return report

@@ -1,0 +1,190 @@
+"""Restore and segment a whole volume, slice by slice, with the prior computed once per volume.
+
+The volume is streamed: only one batch of slices is ever held as float32 tensors, so memory stays flat
+for 512x512x300 volumes. Intensities are normalised by the same function as in training
+(`intensity.fit_window`, fitted once on the whole volume) and the restored slices are mapped back to
+the input's scale. The segmentation head covers the classes of every training dataset; the modality the
+prior detects selects which dataset's classes are reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .intensity import IntensityWindow, denormalize, fit_window, normalize, to_unit_range
+from .network import VLDUN
+from .priors import PriorOutput
+from .terminology import display_name
+from .weights import ModelInfo, load_model
+
+PRIOR_SLICES = 5
+"""Slices the prior looks at per volume (evenly spaced over the central 60 %)."""
+
+
+class Cancelled(Exception):
+    """Raised by `VolumePredictor.predict` when `should_cancel()` returned True between batches."""
+
+
+@dataclass(frozen=True)
+class SegmentClass:
+    label: int
+    """Value in `Prediction.labels` (1..n)."""
+    name: str
+    """Human-readable name, e.g. "left ventricle cavity"."""
+    key: str
+    """Canonical class key of the model, e.g. "ACDC/LV"."""
+
+
+@dataclass
+class Detection:
+    modality: str
+    modality_probability: float
+    modality_probabilities: dict[str, float]
+    degradation: str
+    degradation_probability: float
+    degradation_probabilities: dict[str, float]
+    out_of_distribution: bool
+    """The modality prior's confidence is under the model's calibrated threshold: unlike the training data."""
+    segments: list[SegmentClass]
+
+    @property
+    def segment_names(self) -> list[str]:
+        return [s.name for s in self.segments]
+
+
+@dataclass
+class Prediction:
+    restored: np.ndarray
+    """(S, H, W) float32 in the input's intensity scale."""
+    labels: np.ndarray
+    """(S, H, W) uint8: 0 background, else `SegmentClass.label`."""
+    detection: Detection
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" picks CUDA, then Apple MPS, then the CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was chosen but no CUDA GPU is usable here; choose 'auto' or 'cpu'.")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was chosen but Apple MPS is not available here; choose 'auto' or 'cpu'.")
+    if device not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"Unknown device {device!r}; choose auto, cuda, mps or cpu.")
+    return torch.device(device)
+
+
+def prior_slice_indices(num_slices: int, count: int = PRIOR_SLICES) -> list[int]:
+    """Representative slices: evenly spaced over the central 60 % of the stack (the ends are often empty)."""
+    if num_slices <= count:
+        return list(range(num_slices))
+    lo, hi = 0.2 * (num_slices - 1), 0.8 * (num_slices - 1)
+    return sorted({int(round(v)) for v in np.linspace(lo, hi, count)})
+
+
+class VolumePredictor:
+    """A loaded model that turns a degraded volume into a restored volume, labels and a detection."""
+
+    def __init__(
+        self,
+        weights: str | Path | None = None,
+        device: str = "auto",
+        model: tuple[VLDUN, ModelInfo] | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.model, self.info = model if model is not None else load_model(weights, "cpu")
+        self.model.to(self.device).eval()
+
+    def _slices(self, volume: np.ndarray, window: IntensityWindow, indices: range | list[int]) -> torch.Tensor:
+        batch = np.asarray(volume[list(indices)], dtype=np.float32)
+        tensor = torch.from_numpy(to_unit_range(normalize(batch, window)))
+        return tensor[:, None].to(self.device)
+
+    @torch.no_grad()
+    def volume_prior(self, volume: np.ndarray, window: IntensityWindow, degradation_override: str | None) -> PriorOutput | None:
+        if self.model.prior is None:
+            return None
+        prior = self.model.compute_prior(self._slices(volume, window, prior_slice_indices(len(volume)))).pooled()
+        if degradation_override:
+            names = self.model.config.degradations
+            if degradation_override not in names:
+                raise ValueError(f"Unknown degradation {degradation_override!r}; choose one of {list(names)}.")
+            prior = self.model.prior.with_degradation(prior, names.index(degradation_override))
+        return prior
+
+    def detection(self, prior: PriorOutput | None) -> Detection:
+        config = self.model.config
+        if prior is None:
+            return Detection("unknown (model without prior)", 0.0, {}, "unknown", 0.0, {}, True, self.segments(None))
+        mod = prior.modality_probs[0].cpu().tolist()
+        deg = prior.degradation_probs[0].cpu().tolist()
+        m, d = int(np.argmax(mod)), int(np.argmax(deg))
+        return Detection(
+            modality=config.modalities[m],
+            modality_probability=mod[m],
+            modality_probabilities=dict(zip(config.modalities, mod)),
+            degradation=config.degradations[d],
+            degradation_probability=deg[d],
+            degradation_probabilities=dict(zip(config.degradations, deg)),
+            out_of_distribution=mod[m] < self.info.ood_threshold,
+            segments=self.segments(config.modalities[m]),
+        )
+
+    def segments(self, modality: str | None) -> list[SegmentClass]:
+        """The detected dataset's classes, numbered 1..n; every class when the dataset is unknown."""
+        dataset = modality.split("/")[0] if modality else None
+        indices = self.info.dataset_classes.get(dataset) or list(range(1, len(self.info.classes)))
+        return [SegmentClass(i + 1, display_name(self.info.classes[g]), self.info.classes[g]) for i, g in enumerate(indices)]
+
+    def predict(
+        self,
+        volume: np.ndarray,
+        *,
+        batch_size: int = 8,
+        progress: Callable[[int, int], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        degradation_override: str | None = None,
+    ) -> Prediction:
+        """Volume (S, H, W), slices along axis 0, any real dtype -> restored volume, labels and detection."""
+        if volume.ndim != 3:
+            raise ValueError(f"Expected a (slices, rows, columns) array, got shape {volume.shape}.")
+        window = fit_window(volume)
+        prior = self.volume_prior(volume, window, degradation_override)
+        detection = self.detection(prior)
+        global_ids = torch.tensor([0] + [self.info.classes.index(s.key) for s in detection.segments], device=self.device)
+        restored = np.empty(volume.shape, np.float32)
+        labels = np.zeros(volume.shape, np.uint8)
+        total, start = len(volume), 0
+        while start < total:
+            if should_cancel is not None and should_cancel():
+                raise Cancelled("Cancelled by the user; nothing was written.")
+            stop = min(start + batch_size, total)
+            try:
+                out = self.model(self._slices(volume, window, range(start, stop)), prior.expand(stop - start) if prior else None)
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                batch_size = max(1, batch_size // 2)
+                continue
+            if out.restored is not None:
+                restored[start:stop] = denormalize(out.restored[:, 0].float().cpu().numpy(), window)
+            else:
+                restored[start:stop] = volume[start:stop]
+            if out.seg_logits is not None:
+                picked = out.seg_logits.index_select(1, global_ids).argmax(1)
+                labels[start:stop] = picked.to(torch.uint8).cpu().numpy()
+            start = stop
+            if progress is not None:
+                progress(start, total)
+        return Prediction(restored, labels, detection)
+

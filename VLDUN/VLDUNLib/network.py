@@ -1,0 +1,173 @@
+"""The VL-DUN network: CLIP dual prior, K unfolding stages in a U-shaped hierarchy, two heads (Sec. 3.2).
+
+    y ─ stem ─ embed ─► x_0 = y_0
+    encoder  level l = 0..L-2 : x = Stage(x, y_l, prior); skip; x = Down(x); y_{l+1} = Down_y(y_l)
+    bottleneck level L-1      : x = Stage(x, y_{L-1}, prior)
+    decoder  level l = L-2..0 : x = Up(x); x = Merge(x, skip); x = Stage(x, y_l, prior)
+    restored = y + RecHead(x)          segmentation logits = SegHead(x)
+
+Any height and width work: the input is padded (reflect) to a multiple of `config.size_multiple`
+inside `forward` and both outputs are cropped back, so callers never pad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VLDUNConfig
+from .priors import DualPrior, PriorOutput
+from .unfolding import UnfoldingStage
+
+
+@dataclass
+class VLDUNOutput:
+    restored: torch.Tensor | None  # (B, 1, H, W), in the input's [0, 1] scale; None without a rec head
+    seg_logits: torch.Tensor | None  # (B, num_classes, H, W); None without a seg head
+    prior: PriorOutput | None  # None in the "w/o CLIP" ablation
+
+
+class Downsample(nn.Module):
+    """Halve the resolution, double the channels (conv then pixel-unshuffle, as in Restormer)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels // 2, 3, padding=1, bias=False), nn.PixelUnshuffle(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution, halve the channels (conv then pixel-shuffle)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels * 2, 3, padding=1, bias=False), nn.PixelShuffle(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reflect-pad H and W up to a multiple (replicate where the image is too small to reflect)."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x, (h, w)
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+
+
+class VLDUN(nn.Module):
+    """Joint restoration and segmentation by vision-language controlled deep unfolding."""
+
+    def __init__(self, config: VLDUNConfig, clip_weights: str | Path | None = None) -> None:
+        super().__init__()
+        self.config = c = config
+        self.prior = (
+            DualPrior(c.prior, c.modalities, c.degradations, clip_weights) if c.use_prior else None
+        )
+        if self.prior is not None:
+            self.prior.set_tuning(c.tune_prior)
+        token_dim = self.prior.token_dim if self.prior is not None else None
+        widths = [c.channels * 2**level for level in range(c.levels)]
+        stem_channels = c.in_channels * c.stem_stride**2
+        self.stem = nn.PixelUnshuffle(c.stem_stride)
+        self.embed = nn.Conv2d(stem_channels, widths[0], 3, padding=1)
+
+        def stage(level: int) -> UnfoldingStage:
+            return UnfoldingStage(
+                widths[level], token_dim, c.attn_heads, c.d_state, c.expand, c.gdfn_expansion,
+                c.freq_decouple, c.blocks[level],
+            )
+
+        self.encoder = nn.ModuleList(stage(level) for level in range(c.levels - 1))
+        self.down = nn.ModuleList(Downsample(widths[level]) for level in range(c.levels - 1))
+        self.down_y = nn.ModuleList(Downsample(widths[level]) for level in range(c.levels - 1))
+        self.bottleneck = stage(c.levels - 1)
+        self.up = nn.ModuleList(Upsample(widths[level + 1]) for level in range(c.levels - 1))
+        self.merge = nn.ModuleList(nn.Conv2d(2 * widths[level], widths[level], 1) for level in range(c.levels - 1))
+        self.decoder = nn.ModuleList(stage(level) for level in range(c.levels - 1))
+        unshuffle = c.stem_stride**2
+        self.rec_head = (
+            nn.Sequential(nn.Conv2d(widths[0], c.in_channels * unshuffle, 3, padding=1), nn.PixelShuffle(c.stem_stride))
+            if c.rec_head
+            else None
+        )
+        self.seg_head = (
+            nn.Sequential(
+                nn.Conv2d(widths[0], widths[0], 3, padding=1),
+                nn.GELU(),
+                nn.Conv2d(widths[0], c.num_classes * unshuffle, 1),
+                nn.PixelShuffle(c.stem_stride),
+            )
+            if c.seg_head
+            else None
+        )
+
+    def compute_prior(self, degraded: torch.Tensor) -> PriorOutput | None:
+        """The dual prior of a batch of degraded slices in [0, 1]; None in the "w/o CLIP" ablation."""
+        return self.prior(degraded) if self.prior is not None else None
+
+    def forward(self, degraded: torch.Tensor, prior: PriorOutput | None = None) -> VLDUNOutput:
+        """Restore and segment degraded slices (B, C, H, W) in [0, 1].
+
+        `prior` lets a caller compute the prior once per volume (`PriorOutput.pooled().expand(B)`); when it
+        is None it is computed from this batch.
+        """
+        if degraded.ndim != 4 or degraded.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"Expected slices of shape (B, {self.config.in_channels}, H, W), got {tuple(degraded.shape)}."
+            )
+        if prior is None:
+            prior = self.compute_prior(degraded)
+        tokens = prior.tokens if prior is not None and self.prior is not None else None
+        y, (h, w) = pad_to_multiple(degraded, self.config.size_multiple)
+        x = self.decode(self.encode(y, tokens), tokens)
+        restored = seg = None
+        if self.rec_head is not None:
+            restored = (y + self.rec_head(x))[..., :h, :w]
+        if self.seg_head is not None:
+            seg = self.seg_head(x)[..., :h, :w]
+        return VLDUNOutput(restored, seg, prior)
+
+    def encode(
+        self, y: torch.Tensor, tokens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        y_level = self.embed(self.stem(y))
+        x = y_level
+        skips, ys = [], []
+        for stage, down, down_y in zip(self.encoder, self.down, self.down_y):
+            x = stage(x, y_level, tokens)
+            skips.append(x)
+            ys.append(y_level)
+            x, y_level = down(x), down_y(y_level)
+        return self.bottleneck(x, y_level, tokens), skips, ys
+
+    def decode(
+        self, encoded: tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]], tokens: torch.Tensor | None
+    ) -> torch.Tensor:
+        x, skips, ys = encoded
+        for level in reversed(range(self.config.levels - 1)):
+            x = self.merge[level](torch.cat([self.up[level](x), skips[level]], 1))
+            x = self.decoder[level](x, ys[level], tokens)
+        return x
+
+    def unfolding_parameters(self) -> int:
+        """Parameters of the unfolding network and heads (what the paper's 22.77 M counts; CLIP excluded)."""
+        prior = {id(p) for p in self.prior.parameters()} if self.prior is not None else set()
+        return sum(p.numel() for p in self.parameters() if id(p) not in prior)
+
+
+def build_model(config: VLDUNConfig, clip_weights: str | Path | None = None) -> nn.Module:
+    """VL-DUN, or the plain joint U-Net baseline when `config.architecture == "unet"`."""
+    if config.architecture == "unet":
+        from .baseline import JointUNet
+
+        return JointUNet(config)
+    return VLDUN(config, clip_weights)

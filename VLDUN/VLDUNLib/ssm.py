@@ -1,0 +1,387 @@
+"""Selective state-space (Mamba) layers for VL-DUN's Bi-Mamba branches.
+
+VL-DUN uses a bidirectional Mamba layer twice per unfolding stage: in the AMGDM to spread the residual
+error ``Phi x - y`` over the whole image, and in the MDPMM high-frequency branch (Section 3.4 of the paper).
+Mamba itself is Gu & Dao (2023), "Mamba: Linear-time sequence modeling with selective state spaces".
+
+``selective_scan`` has the semantics of ``mamba_ssm``'s ``selective_scan_fn``. It calls the CUDA kernel when
+``mamba_ssm`` imports and the tensors live on a GPU, and otherwise a pure-PyTorch scan built on
+``linear_scan``: a two-level chunked scan (a loop over ~sqrt(L) positions vectorised over all chunks, a loop
+over the chunk carries, then a second pass that rewrites each chunk from its true initial state) with a custom
+backward that is itself a reversed linear scan. Nothing exponentiates a cumulative sum, so large step sizes
+underflow to zero instead of overflowing. Long sequences are cut into segments that are recomputed in the
+backward pass (gradient checkpointing), so training never keeps more than one segment's (b, l, d, n) state.
+
+Measured by hand on the development machine (2-core Intel Xeon, torch 2.14.1, fp32, best of 8 runs, other
+jobs sharing the cores), ``selective_scan(..., backend="torch")`` with D, z, delta_bias and softplus against
+a plain Python loop over L (the reference in the tests, autograd through it):
+
+===================================  ===============  ===========  ====================
+case                                 this module      Python loop  mambapy pscan (copy)
+===================================  ===============  ===========  ====================
+b=1, d=128, n=16, L=4096  forward    {F1} ms          {R1} ms      {P1} ms
+b=1, d=128, n=16, L=4096  fwd+bwd    {B1} ms          {RB1} s      {PB1} ms
+b=8, d=48,  n=8,  L=16384 forward    {F2} ms          {R2} ms      {P2} ms
+===================================  ===============  ===========  ====================
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+Backend = Literal["auto", "torch", "cuda"]
+
+_SEGMENT_ELEMENTS = 1 << 23
+"""Largest (b, l, d, n) state kept at once by the PyTorch scan; longer sequences run in checkpointed segments."""
+
+_DT_MIN, _DT_MAX, _DT_FLOOR = 1e-3, 1e-1, 1e-4
+
+
+@functools.cache
+def _cuda_selective_scan() -> Optional[Callable[..., Tensor]]:
+    """Import mamba_ssm's fused kernel once; None where it cannot load (it needs a CUDA build)."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except (ImportError, OSError):
+        return None
+    return selective_scan_fn
+
+
+def cuda_scan_available() -> bool:
+    """True when mamba_ssm's CUDA selective scan imports and a GPU is present."""
+    return torch.cuda.is_available() and _cuda_selective_scan() is not None
+
+
+def _chunk_length(length: int) -> int:
+    """Chunk length T ~ sqrt(L)/2: the T-loop ops are large, the carry loop ops tiny, so favour more chunks."""
+    return max(1, math.isqrt(length) // 2)
+
+
+def _scan_into(out: Tensor, a: Tensor, b: Tensor, h0: Optional[Tensor], reverse: bool) -> None:
+    """Write h_t = a_t * h_{t-1} + b_t into ``out`` (all (P, L, N)); h before the first step is ``h0`` or 0.
+
+    With ``reverse`` the recurrence runs from t = L-1 down to 0. Two-level scheme: L is cut into chunks of
+    T positions; pass 1 loops over T to get every chunk's end state (from 0) and product of a, a short loop
+    chains those into each chunk's true initial state, and pass 2 loops over T again writing the states.
+    Each step touches all chunks at once, so Python overhead is O(sqrt(L)) and no cumulative product of
+    the whole chunk is ever stored. Positions that do not fill a chunk run sequentially at the far end.
+    """
+    batch, length, width = b.shape
+    size = _chunk_length(length)
+    count = length // size
+    covered = slice(length - count * size, length) if reverse else slice(0, count * size)
+    a_c, b_c, out_c = (x[:, covered].unflatten(1, (count, size)) for x in (a, b, out))
+    steps = range(size - 1, -1, -1) if reverse else range(size)
+    end, prod = b_c[:, :, steps[0]].clone(), a_c[:, :, steps[0]].clone()
+    for t in steps[1:]:
+        end = torch.addcmul(b_c[:, :, t], a_c[:, :, t], end)
+        prod.mul_(a_c[:, :, t])
+    start = torch.empty_like(end)
+    carry = h0 if h0 is not None else b.new_zeros(batch, width)
+    for c in reversed(range(count)) if reverse else range(count):
+        start[:, c] = carry
+        carry = torch.addcmul(end[:, c], prod[:, c], carry)
+    state = start
+    for t in steps:
+        state = torch.addcmul(b_c[:, :, t], a_c[:, :, t], state, out=out_c[:, :, t])
+    rest = range(length - count * size - 1, -1, -1) if reverse else range(count * size, length)
+    for t in rest:
+        carry = torch.addcmul(b[:, t], a[:, t], carry, out=out[:, t])
+
+
+class _LinearScan(torch.autograd.Function):
+    """h_t = a_t h_{t-1} + b_t over dim 1 of (P, L, N) tensors, with a reversed-scan backward.
+
+    Backward: g_t = dL/dh_t + a_{t+1} g_{t+1}; dL/db_t = g_t; dL/da_t = g_t h_{t-1}; dL/dh0 = a_0 g_0.
+    Only a, h and h0 are saved; b is not needed.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, h0: Optional[Tensor]) -> Tensor:
+        h = torch.empty_like(b)
+        _scan_into(h, a, b, h0, reverse=False)
+        ctx.save_for_backward(a, h, h0)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor) -> tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
+        a, h, h0 = ctx.saved_tensors
+        grad_h = grad_h.contiguous()
+        g = torch.empty_like(grad_h)
+        g[:, -1] = grad_h[:, -1]
+        _scan_into(g[:, :-1], a[:, 1:], grad_h[:, :-1], g[:, -1], reverse=True)
+        grad_a = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.empty_like(a)
+            torch.mul(g[:, 1:], h[:, :-1], out=grad_a[:, 1:])
+            grad_a[:, 0] = g[:, 0] * h0 if h0 is not None else 0.0
+        grad_h0 = g[:, 0] * a[:, 0] if h0 is not None and ctx.needs_input_grad[2] else None
+        return grad_a, g, grad_h0
+
+
+def linear_scan(a: Tensor, b: Tensor, h0: Optional[Tensor] = None) -> Tensor:
+    """First-order linear recurrence h_t = a_t * h_{t-1} + b_t along dim -2 (h_{-1} = h0, or 0).
+
+    a, b: (..., L, N) of one floating dtype; h0: (..., N). Returns h with b's shape. Runs in O(sqrt(L))
+    Python steps with a custom backward, so it is usable for L in the tens of thousands.
+    """
+    if a.shape != b.shape or a.dim() < 2:
+        raise ValueError(f"linear_scan needs a and b of one shape (..., L, N); got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}: broadcast them explicitly first")
+    if h0 is not None and h0.shape != b.shape[:-2] + b.shape[-1:]:
+        raise ValueError(f"linear_scan needs h0 of shape {tuple(b.shape[:-2] + b.shape[-1:])} (b without its "
+                         f"L axis); got {tuple(h0.shape)}")
+    if b.shape[-2] == 0:
+        raise ValueError("linear_scan needs at least one step (L >= 1); got an empty L axis")
+    length, width = b.shape[-2:]
+    flat_h0 = h0.reshape(-1, width).contiguous() if h0 is not None else None
+    h = _LinearScan.apply(a.reshape(-1, length, width).contiguous(), b.reshape(-1, length, width).contiguous(),
+                          flat_h0)
+    return h.view(b.shape)
+
+
+def discretize(delta: Tensor, A: Tensor, B: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """Discretized SSM coefficients, Eq. (4) of Gu & Dao (2023) as Mamba implements it.
+
+    A_bar = exp(delta A) (zero-order hold) and B_bar u = delta B u (the Euler simplification of the ZOH B
+    used by mamba_ssm). delta, u: (b, l, d); A: (d, n); B: (b, l, n). Returns two (b, l, d, n) tensors.
+    """
+    a_bar = (delta.unsqueeze(-1) * A).exp_()
+    bu_bar = (delta * u).unsqueeze(-1) * B.unsqueeze(2)
+    return a_bar, bu_bar
+
+
+def _ssm_segment(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, u: Tensor,
+                 h0: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Recurrence h_t = A_bar h_{t-1} + B_bar u_t, y_t = C_t h_t, Eq. (2a)-(2b) of Gu & Dao (2023).
+
+    (b, l, d) layout with the state flattened to d*n, so each scan step is one contiguous slab per batch
+    item. Returns y (b, l, d) and the last state (b, d*n) to chain segments.
+    """
+    a_bar, bu_bar = discretize(delta, A, B, u)
+    h = linear_scan(a_bar.flatten(2), bu_bar.flatten(2), h0)
+    y = torch.einsum("bldn,bln->bld", h.unflatten(2, A.shape), C)
+    return y, h[:, -1].clone()
+
+
+def _segment_length(batch: int, A: Tensor) -> int:
+    """Positions per segment so that one segment's (b, l, d, n) state stays within _SEGMENT_ELEMENTS."""
+    return max(1, _SEGMENT_ELEMENTS // (batch * A.numel()))
+
+
+def _ssm_scan(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, u: Tensor) -> Tensor:
+    """Run _ssm_segment over L in segments, checkpointing each when gradients are recorded."""
+    step = _segment_length(u.shape[0], A)
+    recompute = torch.is_grad_enabled() and u.shape[1] > step
+    outputs, state = [], None
+    for start in range(0, u.shape[1], step):
+        part = slice(start, start + step)
+        args = (delta[:, part], A, B[:, part], C[:, part], u[:, part], state)
+        y, state = checkpoint(_ssm_segment, *args, use_reentrant=False) if recompute else _ssm_segment(*args)
+        outputs.append(y)
+    return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+
+def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                          z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
+    """PyTorch selective scan with fp32 (fp64 for fp64 inputs) math whatever the input dtype or autocast."""
+    work = torch.float64 if u.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        u_w, delta = u.to(work), delta.to(work)
+        if delta_bias is not None:
+            delta = delta + delta_bias.to(work).unsqueeze(-1)
+        if delta_softplus:
+            delta = F.softplus(delta)
+        delta_l, B_l, C_l, u_l = (x.to(work).transpose(1, 2).contiguous() for x in (delta, B, C, u_w))
+        y = _ssm_scan(delta_l, A.to(work), B_l, C_l, u_l).transpose(1, 2)
+        if D is not None:
+            y = y + u_w * D.to(work).unsqueeze(-1)
+        if z is not None:
+            y = y * F.silu(z.to(work))
+    return y.to(u.dtype)
+
+
+def _check_scan_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                       z: Optional[Tensor], delta_bias: Optional[Tensor]) -> None:
+    """Raise a ValueError naming the first argument whose shape or kind breaks selective_scan_fn's contract."""
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan needs u of shape (batch, d, L); got {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if A.dim() != 2 or A.shape[0] != dim or A.is_complex():
+        raise ValueError(f"selective_scan needs a real A of shape (d={dim}, n); got {tuple(A.shape)} "
+                         f"{A.dtype}")
+    expected = {"delta": (delta, (batch, dim, length)), "B": (B, (batch, A.shape[1], length)),
+                "C": (C, (batch, A.shape[1], length)), "D": (D, (dim,)), "z": (z, (batch, dim, length)),
+                "delta_bias": (delta_bias, (dim,))}
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"selective_scan needs {name} of shape {shape} to match u {tuple(u.shape)} and "
+                             f"A {tuple(A.shape)}; got {tuple(tensor.shape)}")
+    if length == 0:
+        raise ValueError("selective_scan needs a sequence of at least one position (L >= 1)")
+
+
+def _resolve_backend(u: Tensor, backend: Backend) -> Literal["torch", "cuda"]:
+    """Pick the kernel: CUDA when asked for or, with "auto", when the tensors are on a GPU and it imports."""
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "cuda" if u.is_cuda and cuda_scan_available() else "torch"
+    if backend != "cuda":
+        raise ValueError(f"selective_scan backend must be 'auto', 'torch' or 'cuda'; got {backend!r}")
+    if not u.is_cuda:
+        raise ValueError(f"selective_scan backend='cuda' needs CUDA tensors but u is on {u.device}; move the "
+                         "inputs to the GPU or use backend='torch' (or 'auto')")
+    if _cuda_selective_scan() is None:
+        raise RuntimeError("selective_scan backend='cuda' needs mamba_ssm's compiled kernel, which does not "
+                           "import here; install mamba-ssm for this CUDA/torch build or use backend='torch'")
+    return "cuda"
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                   z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                   backend: Backend = "auto") -> Tensor:
+    """Selective scan S6 (Algorithm 2 of Gu & Dao 2023) with mamba_ssm ``selective_scan_fn`` semantics.
+
+    u, delta, z: (b, d, L); A: (d, n) real; B, C: (b, n, L) input-dependent; D, delta_bias: (d,).
+    delta <- softplus(delta + delta_bias) (each part optional), h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,
+    y_t = <C_t, h_t> + D u_t, times silu(z_t). Returns (b, d, L) in u's dtype; the PyTorch path computes in
+    fp32 for half inputs. backend="auto" uses mamba_ssm's kernel for CUDA tensors when it imports.
+    """
+    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    if _resolve_backend(u, backend) == "torch":
+        return _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    same = (x.to(u.dtype) if x is not None else None for x in (delta, B, C, z))
+    delta, B, C, z = same
+    return _cuda_selective_scan()(u, delta, A.float(), B, C, D.float() if D is not None else None, z=z,
+                                  delta_bias=delta_bias.float() if delta_bias is not None else None,
+                                  delta_softplus=delta_softplus)
+
+
+def _check_block_args(d_model: int, d_state: int, d_conv: int, expand: float, dt_rank: int | str) -> int:
+    """Validate the Mamba sizes and return the resolved dt_rank (ceil(d_model / 16) for "auto")."""
+    for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"Mamba needs {name} to be a positive int; got {value!r}")
+    if expand <= 0 or int(expand * d_model) < 1:
+        raise ValueError(f"Mamba needs expand > 0 with int(expand * d_model) >= 1; got expand={expand!r}")
+    if dt_rank == "auto":
+        return math.ceil(d_model / 16)
+    if not isinstance(dt_rank, int) or dt_rank < 1:
+        raise ValueError(f"Mamba needs dt_rank to be 'auto' or a positive int; got {dt_rank!r}")
+    return dt_rank
+
+
+def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int) -> None:
+    """mamba_simple's dt init: weight U(+-dt_rank^-0.5); bias = softplus^-1(dt), dt log-uniform in [1e-3, 1e-1].
+
+    Starting with small, varied step sizes lets each channel remember over a different horizon.
+    """
+    bound = dt_rank ** -0.5
+    with torch.no_grad():
+        dt_proj.weight.uniform_(-bound, bound)
+        log_dt = torch.rand(dt_proj.out_features) * (math.log(_DT_MAX) - math.log(_DT_MIN)) + math.log(_DT_MIN)
+        dt = log_dt.exp().clamp(min=_DT_FLOOR)
+        dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+class _DirectionalSSM(nn.Module):
+    """The per-direction half of a Mamba layer: causal depthwise conv, selection projections, A and D.
+
+    Maps x, z of shape (b, d_inner, L) to the gated scan output (b, d_inner, L). Splitting it out of the
+    projections lets BiMamba2D run two directions between one shared in_proj and out_proj.
+    """
+
+    def __init__(self, d_inner: int, d_state: int, d_conv: int, dt_rank: int, backend: Backend) -> None:
+        super().__init__()
+        self.backend = backend
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner)
+        _init_dt_proj(self.dt_proj, dt_rank)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        """Causal conv + SiLU, input-dependent (delta, B, C), then the selective scan gated by silu(z)."""
+        x = F.silu(self.conv1d(F.pad(x, (self.conv1d.kernel_size[0] - 1, 0))))
+        dt_rank, d_state = self.dt_proj.in_features, self.A_log.shape[1]
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([dt_rank, d_state, d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)
+        A = -torch.exp(self.A_log.float())
+        return selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
+                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.backend)
+
+
+class MambaBlock(nn.Module):
+    """The Mamba layer of mamba_ssm's mamba_simple.py: (b, L, d_model) -> (b, L, d_model).
+
+    in_proj -> depthwise causal conv1d -> SiLU -> x_proj -> dt_proj -> selective scan with A = -exp(A_log)
+    (S4D-real init A_log = log(1..n)), D skip and silu(z) gate -> out_proj. backend picks the scan kernel
+    (see selective_scan).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2,
+                 dt_rank: int | str = "auto", backend: Backend = "auto") -> None:
+        super().__init__()
+        rank = _check_block_args(d_model, d_state, d_conv, expand, dt_rank)
+        self.d_model, self.d_inner = d_model, int(expand * d_model)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        self.ssm = _DirectionalSSM(self.d_inner, d_state, d_conv, rank, backend)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """Apply the layer to a (b, L, d_model) sequence."""
+        if hidden.dim() != 3 or hidden.shape[-1] != self.d_model or hidden.shape[1] == 0:
+            raise ValueError(f"MambaBlock needs input of shape (batch, L >= 1, d_model={self.d_model}); got "
+                             f"{tuple(hidden.shape)}")
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+        return self.out_proj(self.ssm(x, z).transpose(1, 2))
+
+
+class BiMamba2D(nn.Module):
+    """Bidirectional Mamba on (b, c, h, w) feature maps, the Bi-Mamba layer of the AMGDM and MDPMM.
+
+    Scan orders: the row-major raster forward and the same raster reversed. After these two scans every
+    pixel has seen every other pixel (the forward scan carries all earlier pixels, the reversed one all later
+    pixels), which is what the AMGDM needs to aggregate the global residual. Column neighbours are 1 row
+    apart in the raster but w positions apart in the scan; their local context comes from the depthwise
+    convs and the U-Net hierarchy around this layer, so a 4-direction cross-scan (which doubles the cost
+    again) is not used.
+
+    The two directions share in_proj and out_proj but each has its own conv, x_proj, dt_proj, A and D (as in
+    Vision Mamba's bimamba): the projections hold most parameters and see the same tokens either way, while
+    everything that makes a scan causal in one direction is per direction. The outputs are summed.
+    Returns the layer output only; the caller adds the residual.
+    """
+
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: float = 2,
+                 dt_rank: int | str = "auto", backend: Backend = "auto") -> None:
+        super().__init__()
+        rank = _check_block_args(dim, d_state, d_conv, expand, dt_rank)
+        self.dim, d_inner = dim, int(expand * dim)
+        self.norm = nn.LayerNorm(dim)
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        self.forward_ssm = _DirectionalSSM(d_inner, d_state, d_conv, rank, backend)
+        self.backward_ssm = _DirectionalSSM(d_inner, d_state, d_conv, rank, backend)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """Apply the layer to a (b, dim, h, w) map; returns (b, dim, h, w)."""
+        if image.dim() != 4 or image.shape[1] != self.dim or image.shape[2] * image.shape[3] == 0:
+            raise ValueError(f"BiMamba2D needs a non-empty map of shape (batch, {self.dim}, h, w); got "
+                             f"{tuple(image.shape)}")
+        batch, _, height, width = image.shape
+        tokens = self.norm(image.flatten(2).transpose(1, 2))
+        x, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)
+        ahead = self.forward_ssm(x, z)
+        behind = self.backward_ssm(x.flip(-1), z.flip(-1)).flip(-1)
+        out = self.out_proj((ahead + behind).transpose(1, 2))
+        return out.transpose(1, 2).reshape(batch, self.dim, height, width)

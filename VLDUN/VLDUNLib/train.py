@@ -1,0 +1,386 @@
+"""Two-stage training of VL-DUN (`vldun train RUN.yaml`).
+
+Stage 1 tunes the CLIP dual prior (Sec. 3.3): focal loss (Eq. 3) over the modality classes, one per
+dataset/sequence, plus the image-text cross-entropy over the degradation prompts, on slices degraded
+by the protocol and by the primitives. Stage 2 trains the unfolding network jointly (Sec. 3.4) with the
+prior frozen: an L1 reconstruction loss plus Dice + cross-entropy segmentation losses.
+
+Segmentation classes: one shared head over the union of every dataset's foreground classes, with each
+sample's loss restricted to background + its own dataset's classes (`class_mask`). A shared head keeps
+one forward pass and one set of features for all anatomy, and no per-dataset parameters that a small
+dataset (one abdominal CT) could not train; at inference the detected modality selects the dataset's
+classes. Classes absent from a sample's dataset are masked out, never taught as background.
+
+Reproducibility: every random draw of step s (batch indices, degradations) comes from a generator
+seeded by (seed, stage, s, rank), and checkpoints hold the model, the optimizer state and the step,
+so a resumed run continues exactly as an uninterrupted one. Multi-GPU runs use `torchrun`
+(DistributedDataParallel); each rank draws its own batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from .config import make_config
+from .data import CaseLike, SliceDataset, SliceRef, label_space, modality_classes, read_datasets, split_cases
+from .degradations import random_degradation
+from .network import build_model
+from .priors import focal_loss, image_text_loss
+from .weights import ModelInfo, save_weights
+
+
+@dataclass
+class StageConfig:
+    steps: int = 500
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: int = 50
+
+
+@dataclass
+class RunConfig:
+    """One training run; written beside its outputs so every model says how it was made."""
+
+    data: list[str]
+    out: str
+    preset: str = "compact"
+    ablation: str = "full"
+    architecture: str = "vldun"
+    seed: int = 0
+    patch: int = 128
+    val_fraction: float = 0.2
+    prior: StageConfig = field(default_factory=lambda: StageConfig(steps=400, batch_size=32, lr=5e-4))
+    joint: StageConfig = field(default_factory=lambda: StageConfig(steps=2000, batch_size=8, lr=1e-3))
+    primitive_fraction: float = 0.25
+    """Share of stage-2 batches degraded by a primitive (noise, blur, ...) instead of the undersampling protocol."""
+    rec_weight: float = 1.0
+    seg_weight: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    checkpoint_every: int = 100
+    time_limit_minutes: float | None = None
+    """Stop stage 2 after this wall time (equal-compute comparisons); the model is exported as usual."""
+    threads: int | None = None
+    clip_weights: str | None = None
+    amp: bool = True
+    """bf16 autocast on CUDA (ignored on the CPU, where bf16 is slower here)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prior, dict):
+            self.prior = StageConfig(**self.prior)
+        if isinstance(self.joint, dict):
+            self.joint = StageConfig(**self.joint)
+
+
+def load_run_config(path: Path) -> RunConfig:
+    """A run config from YAML (or TOML); relative data/out paths are relative to the config file."""
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        raw = tomllib.loads(text)
+    else:
+        raw = yaml.safe_load(text)
+    if not isinstance(raw, dict) or "data" not in raw or "out" not in raw:
+        raise ValueError(f"{path}: a run config needs at least `data:` (dataset folders) and `out:` (run folder).")
+    base = path.parent
+    raw["data"] = [str((base / d).resolve()) for d in raw["data"]]
+    raw["out"] = str((base / raw["out"]).resolve())
+    try:
+        return RunConfig(**raw)
+    except TypeError as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Generator:
+    """All randomness of one step: independent of what ran before, so resuming is exact."""
+    return torch.Generator().manual_seed(hash((seed, stage, step, rank)) % (2**63))
+
+
+def learning_rate(stage: StageConfig, step: int) -> float:
+    """Linear warm-up then cosine decay to 1 % of the peak."""
+    if step < stage.warmup:
+        return stage.lr * (step + 1) / stage.warmup
+    progress = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+    return stage.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def degrade_batch(
+    clean: torch.Tensor, imaging: list[str], generator: torch.Generator, primitives: bool, chunk: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Degrade a batch in small chunks of one imaging type each, so one batch mixes several degradations."""
+    degraded = torch.empty_like(clean)
+    labels = torch.empty(len(clean), dtype=torch.long)
+    for kind in sorted(set(imaging)):
+        idx = [i for i, k in enumerate(imaging) if k == kind]
+        for start in range(0, len(idx), chunk):
+            part = idx[start : start + chunk]
+            out = random_degradation(clean[part], kind, generator, primitives=primitives)
+            degraded[part] = out.image
+            labels[part] = out.label
+    return degraded, labels
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + soft Dice over background and the sample's own dataset classes only."""
+    masked = logits.float().masked_fill(~class_mask[:, :, None, None], -1e4)
+    ce = F.cross_entropy(masked, target)
+    probs = masked.softmax(1)
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
+    inter = (probs * onehot).sum((2, 3))
+    denom = probs.sum((2, 3)) + onehot.sum((2, 3))
+    dice = (2 * inter + 1) / (denom + 1)
+    fg = class_mask.clone()
+    fg[:, 0] = False
+    return ce + (1 - dice)[fg].mean()
+
+
+class Trainer:
+    """Runs both stages with checkpoints, a progress bar and a CSV log; exports safetensors at the end."""
+
+    def __init__(self, run: RunConfig) -> None:
+        self.run = run
+        self.out = Path(run.out)
+        self.rank, self.world = init_distributed()
+        self.device = torch.device(f"cuda:{self.rank % max(1, torch.cuda.device_count())}" if torch.cuda.is_available() else "cpu")
+        if run.threads:
+            torch.set_num_threads(run.threads)
+        self.infos = read_datasets(run.data)
+        self.modalities = modality_classes(self.infos)
+        self.labels = label_space(self.infos)
+        self.splits = {info.name: split_cases(info, run.val_fraction, run.seed) for info in self.infos}
+        self.train_set = SliceDataset(
+            self.infos, [c for tr, _ in self.splits.values() for c in tr], self.modalities, self.labels,
+            patch=run.patch, augment=True,
+        )
+        torch.manual_seed(run.seed)
+        self.config = make_config(
+            run.preset, run.ablation, architecture=run.architecture, num_classes=len(self.labels.keys),
+            modalities=tuple(m.key for m in self.modalities),
+        )
+        self.model = build_model(self.config, clip_weights=run.clip_weights).to(self.device)
+        self.imaging = [m.imaging for m in self.modalities]
+
+    def batch(self, stage: str, step: int, size: int) -> dict[str, torch.Tensor]:
+        generator = step_generator(self.run.seed, stage, step, self.rank)
+        indices = self.train_set.balanced_indices(size, generator)
+        items = [self.train_set.item(i, generator) for i in indices]
+        return {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in items[0]}
+
+    def stages(self) -> list[str]:
+        return (["prior"] if self.model.prior is not None else []) + ["joint"]
+
+    def trainable(self, stage: str) -> list[nn.Parameter]:
+        if stage == "prior":
+            return [p for p in self.model.prior.parameters() if p.requires_grad]
+        prior = {id(p) for p in self.model.prior.parameters()} if self.model.prior is not None else set()
+        return [p for p in self.model.parameters() if id(p) not in prior]
+
+    def prior_step(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        imaging = [self.imaging[m] for m in batch["modality"].tolist()]
+        degraded, deg_labels = degrade_batch(batch["clean"], imaging, generator, primitives=True)
+        out = self.net(degraded.to(self.device))
+        mod = focal_loss(out.modality_logits, batch["modality"].to(self.device), self.run.focal_alpha, self.run.focal_gamma)
+        deg = image_text_loss(out.degradation_logits, deg_labels.to(self.device))
+        return {"loss": mod + deg, "modality": mod, "degradation": deg}
+
+    def joint_step(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        imaging = [self.imaging[m] for m in batch["modality"].tolist()]
+        primitives = torch.rand((), generator=generator).item() < self.run.primitive_fraction
+        degraded, _ = degrade_batch(batch["clean"], imaging, generator, primitives=primitives)
+        degraded, clean = degraded.to(self.device), batch["clean"].to(self.device)
+        with torch.no_grad():
+            prior = self.model.compute_prior(degraded)
+        with autocast(self.device, self.run.amp):
+            out = self.net(degraded, prior)
+        losses: dict[str, torch.Tensor] = {}
+        if out.restored is not None:
+            losses["rec"] = self.run.rec_weight * F.l1_loss(out.restored.float(), clean)
+        if out.seg_logits is not None:
+            losses["seg"] = self.run.seg_weight * segmentation_loss(
+                out.seg_logits, batch["label"].to(self.device), batch["class_mask"].to(self.device)
+            )
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def fit(self, resume: bool) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "run.json").write_text(json.dumps(asdict(self.run), indent=2) + "\n")
+        state = load_checkpoint(self.out, self.model) if resume else {"stage": None, "step": 0}
+        started = time.monotonic()
+        for stage in self.stages():
+            done = state["stage"] is not None and self.stages().index(stage) < self.stages().index(state["stage"])
+            if done:
+                continue
+            first = state["step"] if state["stage"] == stage else 0
+            self.run_stage(stage, first, state if state["stage"] == stage else None, started)
+        return self.export()
+
+    def run_stage(self, stage: str, first: int, resumed: dict[str, Any] | None, started: float) -> None:
+        cfg = self.run.prior if stage == "prior" else self.run.joint
+        params = self.trainable(stage)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if resumed is not None:
+            load_optimizer(self.out, optimizer)
+        step_fn = self.prior_step if stage == "prior" else self.joint_step
+        module = self.model.prior if stage == "prior" else self.model
+        self.net = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True) if self.world > 1 else module
+        self.model.train()
+        log = CsvLog(self.out / "log.csv", self.rank == 0)
+        bar = tqdm(range(first, cfg.steps), desc=f"stage {stage}", disable=self.rank != 0, initial=first, total=cfg.steps)
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            generator = step_generator(self.run.seed, stage, step, self.rank)
+            losses = step_fn(self.batch(stage, step, cfg.batch_size), generator)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            values = {k: float(v) for k, v in losses.items()}
+            bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
+            log.write(stage, step, optimizer.param_groups[0]["lr"], values)
+            last = step + 1 == cfg.steps
+            over_time = stage == "joint" and self.run.time_limit_minutes is not None and (
+                time.monotonic() - started > 60 * self.run.time_limit_minutes
+            )
+            if self.rank == 0 and ((step + 1) % self.run.checkpoint_every == 0 or last or over_time):
+                save_checkpoint(self.out, self.model, optimizer, stage, step + 1)
+            if over_time:
+                break
+        self.model.eval()
+
+    def export(self) -> Path:
+        info = ModelInfo(
+            config=self.config,
+            classes=list(self.labels.keys),
+            dataset_classes={k: list(v) for k, v in self.labels.dataset_classes.items()},
+            ood_threshold=self.calibrate_ood_threshold(),
+            extra={
+                "run": asdict(self.run),
+                "datasets": [info.name for info in self.infos],
+                "validation_cases": {name: [describe_case(c) for c in val] for name, (_, val) in self.splits.items()},
+            },
+        )
+        path = self.out / "model.safetensors"
+        if self.rank == 0:
+            save_weights(self.model, info, path)
+        return path
+
+    @torch.no_grad()
+    def calibrate_ood_threshold(self, quantile: float = 0.02, margin: float = 0.8) -> float:
+        """`margin` x the 2nd percentile of the pooled modality confidence over degraded validation volumes.
+
+        98 % of held-out in-distribution scans are then above the threshold by construction; scans under it
+        are flagged as unlike the training data.
+        """
+        if self.model.prior is None:
+            return 0.0
+        confidences = []
+        for info in self.infos:
+            _, val = self.splits[info.name]
+            val_set = SliceDataset([info], val, self.modalities, self.labels, patch=self.run.patch, augment=False)
+            for start in range(0, len(val_set), 16):
+                idx = list(range(start, min(start + 16, len(val_set))))
+                clean = torch.stack([torch.as_tensor(val_set.item(i, None)["clean"]) for i in idx])
+                modality = [val_set.item(i, None)["modality"] for i in idx]
+                generator = step_generator(self.run.seed, "calibrate", start, 0)
+                degraded, _ = degrade_batch(clean, [self.imaging[int(m)] for m in modality], generator, primitives=False)
+                probs = self.model.compute_prior(degraded.to(self.device)).modality_probs
+                confidences += probs.max(1).values.cpu().tolist()
+        if not confidences:
+            return 0.5
+        return float(margin * np.quantile(confidences, quantile))
+
+
+def describe_case(case: CaseLike) -> str:
+    """A case id, with its slice range when a single-patient dataset was split by slices."""
+    return f"{case.case_id}[{case.start}:{case.stop}]" if isinstance(case, SliceRef) else case.case_id
+
+
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group that `torchrun` set up, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+class CsvLog:
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        self.started = time.monotonic()
+
+    def write(self, stage: str, step: int, lr: float, losses: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(["stage", "step", "lr", "seconds", "loss", "rec", "seg", "modality", "degradation"])
+            row = [losses.get(k, "") for k in ("loss", "rec", "seg", "modality", "degradation")]
+            writer.writerow([stage, step, f"{lr:.3g}", f"{time.monotonic() - self.started:.1f}", *row])
+
+
+def save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, stage: str, step: int) -> None:
+    """Model + optimizer tensors as safetensors, the rest as JSON; written atomically (rename)."""
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for index, values in opt["state"].items():
+        for name, value in values.items():
+            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value).contiguous().cpu()
+    tmp = out / "checkpoint.tmp.safetensors"
+    save_file(tensors, str(tmp))
+    meta = {"stage": stage, "step": step, "param_groups": opt["param_groups"]}
+    (out / "checkpoint.tmp.json").write_text(json.dumps(meta))
+    tmp.replace(out / "checkpoint.safetensors")
+    (out / "checkpoint.tmp.json").replace(out / "checkpoint.json")
+
+
+def load_checkpoint(out: Path, model: nn.Module) -> dict[str, Any]:
+    path = out / "checkpoint.safetensors"
+    if not path.is_file():
+        raise ValueError(f"No checkpoint in {out} to resume from; start without --resume.")
+    tensors = load_file(str(path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    return json.loads((out / "checkpoint.json").read_text())
+
+
+def load_optimizer(out: Path, optimizer: torch.optim.Optimizer) -> None:
+    tensors = load_file(str(out / "checkpoint.safetensors"))
+    meta = json.loads((out / "checkpoint.json").read_text())
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def train_from_file(path: Path, resume: bool = False) -> Path:
+    run = load_run_config(path)
+    weights = Trainer(run).fit(resume)
+    print(f"Model written to {weights} (+ {weights.with_suffix('.json').name})")
+    return weights
