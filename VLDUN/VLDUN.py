@@ -244,6 +244,7 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         createdNodes = self._createMissingOutputs()
         inputVolume, outputVolume, segmentation = (
             parameters.inputVolume, parameters.outputVolume, parameters.outputSegmentation)
+        self._clearDetection()
         self._setRunning(True)
         try:
             detection = self._computeLogic(parameters.weightsPath).process(
@@ -316,7 +317,7 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.text = "Cancelling..."
 
     def _onProgress(self, done: int, total: int, secondsLeft: float) -> None:
-        """Progress callback of VLDUNLogic.process; processing events keeps Slicer responsive and lets Cancel through."""
+        """Progress callback of VLDUNLogic.process: processing events keeps Slicer responsive and lets Cancel in."""
         self.ui.progressBar.setRange(0, total)
         self.ui.progressBar.value = done
         self.ui.progressBar.format = progressText(done, total, secondsLeft)
@@ -327,6 +328,13 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.ui.progressBar.maximum == 0:
             self.ui.progressBar.setRange(0, 1)
         self.ui.progressBar.format = text
+
+    def _clearDetection(self) -> None:
+        """A failed or cancelled run must not leave the previous scan's detection on screen."""
+        for label in (self.ui.modalityLabel, self.ui.detectedDegradationLabel):
+            label.text = "-"
+            label.toolTip = ""
+        self.ui.outOfDistributionLabel.hide()
 
     def _showDetection(self, detection) -> None:
         self.ui.modalityLabel.text = f"{detection.modality} ({detection.modality_probability:.0%})"
@@ -428,7 +436,8 @@ def installTorch() -> None:
     torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
         askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
     if torch is None:
-        raise RuntimeError("PyTorch could not be installed. Install it in the PyTorch Utils module, then press Apply again.")
+        raise RuntimeError(
+            "PyTorch could not be installed. Install it in the PyTorch Utils module, then press Apply again.")
 
 
 def offerMambaSsm() -> None:
@@ -460,7 +469,7 @@ def offerMambaSsm() -> None:
 
 
 class VLDUNTest(ScriptedLoadableModuleTest):
-    """Runs the logic on a few subsampled slices of MRHead on the CPU, so it finishes in seconds."""
+    """Runs the logic on a small block of MRHead on the CPU, so it finishes in seconds."""
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
@@ -482,7 +491,7 @@ class VLDUNTest(ScriptedLoadableModuleTest):
         import SampleData
 
         self.delayDisplay("Loading MRHead")
-        return smallVolume(SampleData.downloadSample("MRHead"), step=4, slices=3)
+        return smallVolume(SampleData.downloadSample("MRHead"), slices=3, size=64)
 
     def test_RestoresAndSegmentsSmallVolume(self) -> None:
         self._requireDependencies()
@@ -524,13 +533,20 @@ def ijkToRas(volume):
     return slicer.util.arrayFromVTKMatrix(matrix)
 
 
-def smallVolume(volume, step: int, slices: int):
-    """Every step-th voxel in-plane of a few middle slices, placed where they were in the original volume."""
+def smallVolume(volume, slices: int, size: int):
+    """The central block of `slices` slices of size x size voxels, where it was in `volume`.
+
+    The block is cut across the axis VL-DUN slices along and keeps the spacing and directions, so
+    the logic slices the block along the same axis as the whole volume.
+    """
     import numpy as np
+    from VLDUNLib.mrml import slice_axis
 
     voxels = slicer.util.arrayFromVolume(volume)
-    first = voxels.shape[0] // 2 - slices // 2
-    crop = voxels[first:first + slices, ::step, ::step].copy()
-    pick = np.diag([float(step), float(step), 1.0, 1.0])
-    pick[2, 3] = first
-    return slicer.util.addVolumeFromArray(crop, ijkToRas(volume) @ pick, name=f"{volume.GetName()} small")
+    counts = [size, size, size]
+    counts[slice_axis(volume)] = slices
+    starts = [(length - count) // 2 for length, count in zip(voxels.shape, counts)]
+    block = voxels[tuple(slice(start, start + count) for start, count in zip(starts, counts))].copy()
+    shift = np.eye(4)
+    shift[:3, 3] = starts[::-1]
+    return slicer.util.addVolumeFromArray(block, ijkToRas(volume) @ shift, name=f"{volume.GetName()} small")

@@ -145,6 +145,7 @@ class VolumePredictor:
         indices = self.info.dataset_classes.get(dataset) or list(range(1, len(self.info.classes)))
         return [SegmentClass(i + 1, display_name(self.info.classes[g]), self.info.classes[g]) for i, g in enumerate(indices)]
 
+    @torch.no_grad()
     def predict(
         self,
         volume: np.ndarray,
@@ -170,10 +171,13 @@ class VolumePredictor:
             stop = min(start + batch_size, total)
             try:
                 out = self.model(self._slices(volume, window, range(start, stop)), prior.expand(stop - start) if prior else None)
-            except torch.cuda.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError as error:
                 if batch_size == 1:
-                    raise
-                torch.cuda.empty_cache()
+                    raise MemoryError(
+                        "The GPU ran out of memory even one slice at a time; run on device 'cpu' instead."
+                    ) from error
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 batch_size = max(1, batch_size // 2)
                 continue
             if out.restored is not None:

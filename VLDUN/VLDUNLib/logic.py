@@ -274,7 +274,7 @@ class VLDUNLogic:
     """Runs a VL-DUN model on volume nodes; keeps the loaded model between runs."""
 
     def __init__(self, weights: str | Path | None = None, predictor: Predictor | None = None) -> None:
-        """`predictor` replaces the model (tests); otherwise `weights` (None: shipped model) load on first use."""
+        """`predictor` replaces the model (tests); else `weights` (None: the shipped model) is loaded on first use."""
         self.weights = weights
         self._predictor = predictor
         self._injected = predictor is not None

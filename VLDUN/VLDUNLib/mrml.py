@@ -18,7 +18,8 @@ import slicer
 import vtk
 from vtk.util.numpy_support import get_vtk_array_type, vtk_to_numpy
 
-ANISOTROPY_RATIO = 1.2
+from .geometry import slices_to_volume, through_plane_axis, volume_to_slices
+
 """A spacing this much larger than both others marks the thick-slice (acquisition) axis."""
 
 BINARY_LABELMAP = "Binary labelmap"
@@ -71,44 +72,9 @@ def apply_geometry(node: slicer.vtkMRMLVolumeNode, geometry: Geometry) -> None:
 
 
 def slice_axis(node: slicer.vtkMRMLVolumeNode) -> int:
-    """The numpy axis of `arrayFromVolume(node)` along which the volume was acquired as 2-D slices.
-
-    Rule, in order:
-    1. a single-slice (2-D) volume: the axis of size 1;
-    2. anisotropic voxels: the axis whose spacing is more than `ANISOTROPY_RATIO` times both others
-       (thick slices are how 2-D acquisitions look, and in-plane is where the detail is);
-    3. otherwise (near-isotropic 3-D): the axis pointing closest to the patient's S axis, i.e. axial
-       slices, the plane CT and the brain/lung training sets are sliced in; ties go to K, the axis the
-       scanner wrote the slices along.
-    """
+    """The numpy axis of `arrayFromVolume(node)` along which the volume was acquired (see `through_plane_axis`)."""
     geometry = volume_geometry(node)
-    shape = geometry.dims[::-1]
-    single = [axis for axis, size in enumerate(shape) if size == 1]
-    if single:
-        return single[0]
-    spacing = geometry.spacing[::-1]
-    thick = int(np.argmax(spacing))
-    if all(spacing[thick] > ANISOTROPY_RATIO * s for axis, s in enumerate(spacing) if axis != thick):
-        return thick
-    superior = np.abs(np.asarray(geometry.directions)[2, ::-1])
-    return int(np.argmax(superior))
-
-
-def _check_axis(array: np.ndarray, axis: int) -> None:
-    if array.ndim != 3 or axis not in (0, 1, 2):
-        raise ValueError(f"Expected a 3-D array and an axis in 0..2, got shape {array.shape} and axis {axis!r}.")
-
-
-def volume_to_slices(array: np.ndarray, axis: int) -> np.ndarray:
-    """(K, J, I) -> (S, H, W) with the slices along `axis` first; a view, no copy."""
-    _check_axis(array, axis)
-    return np.moveaxis(array, axis, 0)
-
-
-def slices_to_volume(slices: np.ndarray, axis: int) -> np.ndarray:
-    """Exact inverse of `volume_to_slices`; a view, no copy."""
-    _check_axis(slices, axis)
-    return np.moveaxis(slices, 0, axis)
+    return through_plane_axis(geometry.dims[::-1], geometry.spacing[::-1], np.asarray(geometry.directions)[:, ::-1])
 
 
 def _check_shape(array: np.ndarray, reference: slicer.vtkMRMLVolumeNode, what: str) -> None:

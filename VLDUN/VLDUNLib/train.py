@@ -63,6 +63,8 @@ class RunConfig:
     preset: str = "compact"
     ablation: str = "full"
     architecture: str = "vldun"
+    model: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the preset's config (e.g. `channels: 32` for the U-Net baseline)."""
     seed: int = 0
     patch: int = 128
     val_fraction: float = 0.2
@@ -76,7 +78,8 @@ class RunConfig:
     focal_gamma: float = 2.0
     checkpoint_every: int = 100
     time_limit_minutes: float | None = None
-    """Stop stage 2 after this wall time (equal-compute comparisons); the model is exported as usual."""
+    """Stop stage 2 after this wall time (equal-compute comparisons); the learning rate decays over it and the
+    model is exported as usual. A time-limited run is not bit-reproducible (the schedule follows the clock)."""
     threads: int | None = None
     clip_weights: str | None = None
     amp: bool = True
@@ -114,11 +117,15 @@ def step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Generat
     return torch.Generator().manual_seed(hash((seed, stage, step, rank)) % (2**63))
 
 
-def learning_rate(stage: StageConfig, step: int) -> float:
-    """Linear warm-up then cosine decay to 1 % of the peak."""
+def learning_rate(stage: StageConfig, step: int, time_fraction: float = 0.0) -> float:
+    """Linear warm-up then cosine decay to 1 % of the peak.
+
+    The decay follows the larger of the step fraction and `time_fraction` (elapsed / time limit), so a
+    run cut by a wall-time budget still ends on a fully decayed learning rate.
+    """
     if step < stage.warmup:
         return stage.lr * (step + 1) / stage.warmup
-    progress = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+    progress = max((step - stage.warmup) / max(1, stage.steps - stage.warmup), time_fraction)
     return stage.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -172,8 +179,10 @@ class Trainer:
         )
         torch.manual_seed(run.seed)
         self.config = make_config(
-            run.preset, run.ablation, architecture=run.architecture, num_classes=len(self.labels.keys),
-            modalities=tuple(m.key for m in self.modalities),
+            run.preset, run.ablation, **{
+                **run.model, "architecture": run.architecture, "num_classes": len(self.labels.keys),
+                "modalities": tuple(m.key for m in self.modalities),
+            },
         )
         self.model = build_model(self.config, clip_weights=run.clip_weights).to(self.device)
         self.imaging = [m.imaging for m in self.modalities]
@@ -224,16 +233,15 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "run.json").write_text(json.dumps(asdict(self.run), indent=2) + "\n")
         state = load_checkpoint(self.out, self.model) if resume else {"stage": None, "step": 0}
-        started = time.monotonic()
         for stage in self.stages():
             done = state["stage"] is not None and self.stages().index(stage) < self.stages().index(state["stage"])
             if done:
                 continue
             first = state["step"] if state["stage"] == stage else 0
-            self.run_stage(stage, first, state if state["stage"] == stage else None, started)
+            self.run_stage(stage, first, state if state["stage"] == stage else None)
         return self.export()
 
-    def run_stage(self, stage: str, first: int, resumed: dict[str, Any] | None, started: float) -> None:
+    def run_stage(self, stage: str, first: int, resumed: dict[str, Any] | None) -> None:
         cfg = self.run.prior if stage == "prior" else self.run.joint
         params = self.trainable(stage)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -245,22 +253,23 @@ class Trainer:
         self.model.train()
         log = CsvLog(self.out / "log.csv", self.rank == 0)
         bar = tqdm(range(first, cfg.steps), desc=f"stage {stage}", disable=self.rank != 0, initial=first, total=cfg.steps)
+        limit = 60 * self.run.time_limit_minutes if stage == "joint" and self.run.time_limit_minutes else None
+        stage_start = time.monotonic()
         for step in bar:
+            elapsed = time.monotonic() - stage_start
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step)
+                group["lr"] = learning_rate(cfg, step, elapsed / limit if limit else 0.0)
             generator = step_generator(self.run.seed, stage, step, self.rank)
             losses = step_fn(self.batch(stage, step, cfg.batch_size), generator)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            values = {k: float(v) for k, v in losses.items()}
+            values = {k: v.item() for k, v in losses.items()}
             bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
             log.write(stage, step, optimizer.param_groups[0]["lr"], values)
             last = step + 1 == cfg.steps
-            over_time = stage == "joint" and self.run.time_limit_minutes is not None and (
-                time.monotonic() - started > 60 * self.run.time_limit_minutes
-            )
+            over_time = limit is not None and time.monotonic() - stage_start > limit
             if self.rank == 0 and ((step + 1) % self.run.checkpoint_every == 0 or last or over_time):
                 save_checkpoint(self.out, self.model, optimizer, stage, step + 1)
             if over_time:

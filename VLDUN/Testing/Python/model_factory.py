@@ -19,3 +19,17 @@ def tiny_config(**overrides: Any) -> VLDUNConfig:
     base.update(overrides)
     ablation = base.pop("ablation", "full")
     return make_config("compact", ablation, **base)
+
+
+def tiny_predictor(ood_threshold: float = 0.0, **overrides: Any):
+    """A VolumePredictor around an untrained tiny model with ACDC's classes (fast, deterministic)."""
+    import torch
+
+    from VLDUNLib.inference import VolumePredictor
+    from VLDUNLib.network import VLDUN
+    from VLDUNLib.weights import ModelInfo
+
+    torch.manual_seed(0)
+    config = tiny_config(**overrides)
+    info = ModelInfo(config, ["background", "ACDC/RV", "ACDC/MYO", "ACDC/LV"], {"ACDC": [1, 2, 3]}, ood_threshold)
+    return VolumePredictor(device="cpu", model=(VLDUN(config).eval(), info))

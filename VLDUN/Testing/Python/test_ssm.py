@@ -131,9 +131,24 @@ def test_selective_scan_matches_loop(shape: tuple[int, int, int, int], options: 
 @pytest.mark.parametrize("segment_positions", [1, 7, 64])
 def test_segmented_checkpointed_scan_matches_loop(monkeypatch: pytest.MonkeyPatch, segment_positions: int) -> None:
     b, d, n, length = 2, 3, 4, 150
-    monkeypatch.setattr(ssm, "_SEGMENT_ELEMENTS", segment_positions * b * d * n)
+    monkeypatch.setattr(ssm, "_CPU_SEGMENT_ELEMENTS", segment_positions * b * d * n)
     assert ssm._segment_length(b, torch.zeros(d, n)) == segment_positions
     check_against_loop(scan_inputs(b, d, n, length), softplus=True)
+
+
+def test_segmented_scan_keeps_no_full_length_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    b, d, n, length = 1, 4, 4, 2048
+    monkeypatch.setattr(ssm, "_CPU_SEGMENT_ELEMENTS", 64 * b * d * n)
+    saved: list[int] = []
+
+    def record(tensor: Tensor) -> Tensor:
+        saved.append(tensor.numel())
+        return tensor
+
+    inputs = scan_inputs(b, d, n, length)
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor):
+        selective_scan(**inputs, delta_softplus=True, backend="torch")
+    assert saved and max(saved) <= b * d * length < b * d * n * length
 
 
 def test_selective_scan_gradcheck_float64() -> None:

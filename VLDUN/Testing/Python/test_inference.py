@@ -1,0 +1,115 @@
+"""Whole-volume prediction: shapes and scale, determinism, batching, OOM fallback, cancel, override."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model_factory import tiny_predictor
+from VLDUNLib.inference import Cancelled, prior_slice_indices, resolve_device
+
+
+@pytest.fixture(scope="module")
+def volume() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:24, :20]
+    disk = ((yy - 12) ** 2 + (xx - 10) ** 2 < 40).astype(np.float32)
+    return (300.0 * disk[None] + 20.0 * rng.standard_normal((5, 24, 20))).astype(np.int16)
+
+
+def test_outputs_match_the_input_shape_scale_and_classes(volume):
+    prediction = tiny_predictor().predict(volume, batch_size=2)
+    assert prediction.restored.shape == volume.shape and prediction.restored.dtype == np.float32
+    assert prediction.labels.shape == volume.shape and prediction.labels.dtype == np.uint8
+    assert abs(np.median(prediction.restored) - np.median(volume)) < 0.2 * np.ptp(volume)
+    assert set(np.unique(prediction.labels)) <= {0, 1, 2, 3}
+    assert [s.key for s in prediction.detection.segments] == ["ACDC/RV", "ACDC/MYO", "ACDC/LV"]
+
+
+def test_same_input_gives_bit_identical_outputs_twice(volume):
+    predictor = tiny_predictor()
+    first, second = predictor.predict(volume), predictor.predict(volume)
+    assert np.array_equal(first.restored, second.restored) and np.array_equal(first.labels, second.labels)
+
+
+def test_result_does_not_depend_on_the_batch_size(volume):
+    predictor = tiny_predictor()
+    small, large = predictor.predict(volume, batch_size=1), predictor.predict(volume, batch_size=8)
+    np.testing.assert_allclose(small.restored, large.restored, rtol=1e-4, atol=1e-3)
+    assert (small.labels == large.labels).mean() > 0.999
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_result(volume, monkeypatch):
+    predictor = tiny_predictor()
+    expected = predictor.predict(volume, batch_size=2)
+    forward = type(predictor.model).forward
+    sizes = []
+
+    def limited(self, degraded, prior=None):
+        sizes.append(len(degraded))
+        if len(degraded) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, degraded, prior)
+
+    monkeypatch.setattr(type(predictor.model), "forward", limited)
+    result = predictor.predict(volume, batch_size=8)
+    assert sizes[:2] == [5, 4] and max(sizes[2:]) <= 2
+    np.testing.assert_allclose(result.restored, expected.restored, rtol=1e-5, atol=1e-4)
+
+
+def test_out_of_memory_at_batch_one_names_the_cpu_fix(volume, monkeypatch):
+    predictor = tiny_predictor()
+
+    def always(self, degraded, prior=None):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(type(predictor.model), "forward", always)
+    with pytest.raises(MemoryError, match="cpu"):
+        predictor.predict(volume, batch_size=2)
+
+
+def test_cancel_stops_between_batches(volume):
+    calls = []
+
+    def should_cancel() -> bool:
+        calls.append(1)
+        return len(calls) > 1
+
+    with pytest.raises(Cancelled):
+        tiny_predictor().predict(volume, batch_size=2, should_cancel=should_cancel)
+    assert len(calls) == 2
+
+
+def test_progress_reports_every_batch(volume):
+    seen = []
+    tiny_predictor().predict(volume, batch_size=2, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+
+
+def test_degradation_override_and_ood_flag(volume):
+    prediction = tiny_predictor(ood_threshold=1.01).predict(volume, degradation_override="motion")
+    assert prediction.detection.degradation == "motion" and prediction.detection.degradation_probability > 0.99
+    assert prediction.detection.out_of_distribution
+    with pytest.raises(ValueError, match="Unknown degradation"):
+        tiny_predictor().predict(volume, degradation_override="rain")
+
+
+def test_model_without_prior_still_predicts(volume):
+    prediction = tiny_predictor(ablation="no_clip").predict(volume)
+    assert prediction.detection.out_of_distribution and prediction.restored.shape == volume.shape
+
+
+def test_prior_slices_are_central_and_few():
+    assert prior_slice_indices(3) == [0, 1, 2]
+    picked = prior_slice_indices(100)
+    assert len(picked) == 5 and min(picked) >= 19 and max(picked) <= 80
+
+
+def test_unavailable_devices_are_refused_with_the_fix():
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="choose"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="auto"):
+            resolve_device("cuda")
