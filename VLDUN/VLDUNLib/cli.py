@@ -111,7 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="speed and memory of each preset (and peers)")
     p.add_argument("--json", default=None)
     p.add_argument("--peer", action="append", default=[], help="NAME=PATH of a peer checkout, e.g. promptir=../PromptIR")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and 1 repeat: checks the whole path in seconds")
+    p.add_argument("--presets", default="compact,paper", help="comma-separated presets (default: compact,paper)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: the CPU, and the GPU when there is one")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for every model (default: torch's)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 5, 1 with --quick)")
+    p.add_argument("--batch-sizes", default=None,
+                   help="comma-separated (default 1,2,4,8,16 on the CPU, up to 64 on the GPU; 1,2 with --quick)")
+    p.add_argument("--volumes", default=None,
+                   help="comma-separated WxHxS (default 256x256x100,512x512x300; 64x64x4 with --quick), or none")
+    p.add_argument("--volume-repeats", type=int, default=1, help="end-to-end runs per volume (default 1)")
     p.set_defaults(func=_benchmark)
     return parser
 

@@ -141,4 +141,4 @@ def test_network_overfits_one_small_batch():
         loss = loss_value()
         loss.backward()
         optimizer.step()
-    assert float(loss) < first / 10
+    assert loss.item() < first / 10

@@ -56,7 +56,7 @@ def test_image_text_loss_trains_the_visual_encoder_towards_its_prompt():
     first = None
     for _ in range(40):
         loss = image_text_loss(prior(images).degradation_logits, target)
-        first = first if first is not None else float(loss)
+        first = first if first is not None else loss.item()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -14,9 +14,6 @@ from torch import Tensor
 from VLDUNLib import ssm
 from VLDUNLib.ssm import BiMamba2D, MambaBlock, cuda_scan_available, linear_scan, selective_scan
 
-SCAN_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
 def loop_linear_scan(a: Tensor, b: Tensor, h0: Optional[Tensor] = None) -> Tensor:
     """h_t = a_t h_{t-1} + b_t, one Python step per position."""
     state = torch.zeros_like(b[..., 0, :]) if h0 is None else h0
@@ -54,7 +51,10 @@ def scan_inputs(b: int, d: int, n: int, length: int, *, with_d: bool = True, wit
                 with_bias: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """Random selective_scan inputs that require grad; optional ones are left out when not asked for."""
     gen = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)  # noqa: E731
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
     inputs = {"u": rand(b, d, length), "delta": rand(b, d, length).abs() * 0.5,
               "A": -torch.rand(d, n, generator=gen, dtype=dtype) * 3, "B": rand(b, n, length),
               "C": rand(b, n, length), "D": rand(d) if with_d else None, "z": rand(b, d, length) if with_z else None,
@@ -63,12 +63,13 @@ def scan_inputs(b: int, d: int, n: int, length: int, *, with_d: bool = True, wit
 
 
 def assert_close_scaled(actual: Tensor, expected: Tensor, tol: float = 1e-5) -> None:
-    """|actual - expected| <= tol * (1 + max|expected|), elementwise."""
+    """max |actual - expected| <= tol * (1 + max |expected|): 1e-5 relative to the tensor's scale."""
     bound = tol * (1 + expected.abs().max().item())
     err = (actual - expected).abs().max().item()
     assert err <= bound, f"max error {err:.3g} > {bound:.3g}"
 
 
+# L = 1, 2, 37, 100, 257: chunks of floor(sqrt(L)) positions, with and without a sequential tail.
 @pytest.mark.parametrize("shape", [(2, 3, 1, 4), (1, 1, 2, 1), (3, 5, 37, 2), (2, 4, 100, 6), (1, 2, 257, 3)])
 @pytest.mark.parametrize("with_h0", [False, True])
 def test_linear_scan_matches_loop(shape: tuple[int, ...], with_h0: bool) -> None:
