@@ -162,8 +162,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         volumes = () if args.volumes == "none" else tuple(parse_volume_size(v) for v in args.volumes.split(","))
     else:
         volumes = ((64, 64, 4),) if quick else ((256, 256, 100), (512, 512, 300))
-    repeats = args.repeats or (1 if quick else 5)
-    threads = args.threads or torch.get_num_threads()
+    repeats = args.repeats if args.repeats is not None else (1 if quick else 5)
+    threads = args.threads if args.threads is not None else torch.get_num_threads()
     if repeats < 1 or threads < 1 or args.volume_repeats < 1:
         raise ValueError("--repeats, --threads and --volume-repeats must be 1 or more.")
     return Settings(
@@ -184,17 +184,23 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def mni_template() -> sitk.Image:
+    """Found without importing nilearn (slow, and nothing else of it is needed)."""
     spec = importlib.util.find_spec("nilearn")
-    if spec is None or spec.origin is None:
-        raise ValueError("The benchmark inputs are made from nilearn's MNI152 T1 template; install nilearn (pip install nilearn).")
-    return sitk.ReadImage(str(Path(spec.origin).parent / MNI_T1))
+    path = Path(spec.origin).parent / MNI_T1 if spec is not None and spec.origin else None
+    if path is None or not path.is_file():
+        raise ValueError(
+            "The benchmark inputs are made from nilearn's MNI152 T1 template, which is not installed here; "
+            "install nilearn (pip install nilearn)."
+        )
+    return sitk.ReadImage(str(path))
 
 
 def resample_array(image: sitk.Image, size: Size3) -> np.ndarray:
     """The template's voxels resampled (trilinear) to `size` (W, H, S), as a (S, H, W) float32 array in [0, 1]."""
     w, h, s = size
     array = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32))
-    scaled = torch.nn.functional.interpolate(array[None, None], size=(s, h, w), mode="trilinear", align_corners=False)
+    scaled = torch.nn.functional.interpolate(array[None, None], size=(s, h, w), mode="trilinear",
+                                             align_corners=False)
     return (scaled[0, 0] / max(float(array.max()), 1.0)).clamp(0, 1).numpy()
 
 
@@ -252,13 +258,15 @@ def load_peer(name: str, root: Path) -> GreyAsPeerInput:
     finally:
         sys.path.remove(str(root))
     if not hasattr(module, kind.class_name):
-        raise ValueError(f"peer {name}: {model_file} defines no {kind.class_name}; is it a checkout of {kind.source}?")
+        raise ValueError(
+            f"peer {name}: {model_file} defines no {kind.class_name}; is it a checkout of {kind.source}?"
+        )
     torch.manual_seed(0)
     return GreyAsPeerInput(getattr(module, kind.class_name)(**kind.kwargs), kind.channels).eval()
 
 
 def preset_model(preset: str, workdir: Path) -> tuple[nn.Module, str | None, str]:
-    """The model, the weights file a child process loads (None: the shipped file) and where the weights come from.
+    """The model, the weights file a child process loads (None: the shipped file) and the weights' origin.
 
     Presets without shipped weights get seeded random ones, saved so that the volume run loads a real
     file like a user's run does.
@@ -343,7 +351,11 @@ def timed_call(forward: Callable[[torch.Tensor], object], x: torch.Tensor, bf16:
 
 
 def batch_sweep(
-    forward: Callable[[torch.Tensor], object], sample: torch.Tensor, batches: Sequence[int], settings: Settings, bf16: bool
+    forward: Callable[[torch.Tensor], object],
+    sample: torch.Tensor,
+    batches: Sequence[int],
+    settings: Settings,
+    bf16: bool,
 ) -> dict[int, tuple[float, float]]:
     """Batch size -> (median, spread) ms per slice; stops at the first size that had to be halved to fit."""
     from .complexity import median_ms
@@ -365,10 +377,9 @@ def batch_sweep(
 def speed_figures(sweep: dict[int, tuple[float, float]], prefix: str, size: int) -> dict[str, Any]:
     """The JSON figures of one sweep: batch 1, the best batch and every batch tried."""
     best = min(sweep, key=lambda b: sweep[b][0])
-    first = min(sweep)
     return {
-        f"{prefix}_ms_per_slice_{size}_b1": round(sweep[first][0], 2),
-        f"{prefix}_ms_spread_{size}_b1": round(sweep[first][1], 2),
+        f"{prefix}_ms_per_slice_{size}_b1": round(sweep[1][0], 2),
+        f"{prefix}_ms_spread_{size}_b1": round(sweep[1][1], 2),
         f"{prefix}_ms_per_slice_{size}_best": round(sweep[best][0], 2),
         f"{prefix}_ms_spread_{size}_best": round(sweep[best][1], 2),
         f"{prefix}_best_batch": best,
@@ -385,9 +396,8 @@ def slice_speed(subject: Subject, sample: torch.Tensor, settings: Settings) -> d
         x = sample.to(device)
         forward = subject.prepare(x)
         batches = settings.batch_sizes[device]
-        figures.update(speed_figures(batch_sweep(forward, x, batches, settings, False), device, settings.slice_size))
-        if device == "cuda":
-            figures.update(speed_figures(batch_sweep(forward, x, batches, settings, True), "cuda_bf16", settings.slice_size))
+        for prefix, bf16 in ((device, False), ("cuda_bf16", True)) if device == "cuda" else ((device, False),):
+            figures.update(speed_figures(batch_sweep(forward, x, batches, settings, bf16), prefix, settings.slice_size))
     subject.module.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -496,7 +506,8 @@ def volume_figures(
         batch = speed[f"{device}_best_batch"]
         for size, path in volumes.items():
             out = workdir / f"out_{subject.name}_{device}_{size_name(size)}"
-            runs = [child_run(subject, path, out, device, batch, settings.threads) for _ in range(settings.volume_repeats)]
+            runs = [child_run(subject, path, out, device, batch, settings.threads)
+                    for _ in range(settings.volume_repeats)]
             figures.setdefault(device, {})[size_name(size)] = summarise_runs(runs, batch)
     return figures
 
@@ -576,47 +587,68 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def speed_prefixes(devices: Sequence[str]) -> list[str]:
+    return [p for d in devices for p in ((d, "cuda_bf16") if d == "cuda" else (d,))]
+
+
+def model_rows(models: dict[str, Any], size: int) -> list[list[object]]:
+    return [[name, f"{m['params'] / 1e6:.2f}", f"{m['total_params'] / 1e6:.2f}", f"{m[f'flops_{size}'] / 1e9:.2f}",
+             m["weights"].split(" (")[0]] for name, m in models.items()]
+
+
+def speed_rows(models: dict[str, Any], size: int, devices: Sequence[str]) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for name, m in models.items():
+        for p in speed_prefixes(devices):
+            b1 = f"{m[f'{p}_ms_per_slice_{size}_b1']:.1f} ± {m[f'{p}_ms_spread_{size}_b1']:.1f}"
+            best = f"{m[f'{p}_ms_per_slice_{size}_best']:.1f} ± {m[f'{p}_ms_spread_{size}_best']:.1f}"
+            rows.append([name, p, b1, best, m[f"{p}_best_batch"], f"{m[f'{p}_slices_per_s_best']:.1f}"])
+    return rows
+
+
+def volume_rows(models: dict[str, Any]) -> list[list[object]]:
+    return [
+        [name, device, volume, f"{v['volume_seconds']:.1f} ± {v['volume_seconds_spread']:.1f}",
+         f"{v['peak_rss_mb']:.0f}", f"{v['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in v else "-", v["batch_size"]]
+        for name, m in models.items() for device, sizes in m.get("volumes", {}).items() for volume, v in sizes.items()
+    ]
+
+
+def ratio_rows(ratio_vs_peer: dict[str, dict[str, dict[str, float]]]) -> list[list[object]]:
+    return [[ours, peer, key, f"{value:.3f}"] for peer, by_preset in ratio_vs_peer.items()
+            for ours, figures in by_preset.items() for key, value in figures.items()]
+
+
 def report_text(report: dict[str, Any]) -> str:
+    """The printed tables: models, per-slice speed, whole volumes and ours / peer ratios."""
     settings, models = report["settings"], report["models"]
     size = settings["slice_size"]
     parts = [
         f"VLDUN benchmark on {report['machine']['cpu']} ({settings['threads']} threads), devices "
-        f"{', '.join(settings['devices'])}; median of {settings['repeats']} runs after {settings['warmup']} warm-up, "
-        "spread = max - min",
-        table(["model", "params M", "total params M", f"GFLOP/slice {size}x{size}", "weights"], [
-            [name, f"{m['params'] / 1e6:.2f}", f"{m['total_params'] / 1e6:.2f}", f"{m[f'flops_{size}'] / 1e9:.2f}",
-             m["weights"].split(" (")[0]] for name, m in models.items()
-        ]),
-        table(["model", "device", "batch 1 ms/slice", "best ms/slice", "best batch", "slices/s"], [
-            [name, device, f"{m[f'{device}_ms_per_slice_{size}_b1']:.1f} ± {m[f'{device}_ms_spread_{size}_b1']:.1f}",
-             f"{m[f'{device}_ms_per_slice_{size}_best']:.1f}", m[f"{device}_best_batch"], f"{m[f'{device}_slices_per_s_best']:.1f}"]
-            for name, m in models.items() for device in speed_prefixes(settings["devices"])
-        ]),
+        f"{', '.join(settings['devices'])}; median ± spread (max - min) of {settings['repeats']} runs after "
+        f"{settings['warmup']} warm-up; input: {settings['input']}",
+        table(["model", "params M", "total params M", f"GFLOP/slice {size}x{size}", "weights"],
+              model_rows(models, size)),
+        table(["model", "device", "batch 1 ms/slice", "best ms/slice", "best batch", "slices/s"],
+              speed_rows(models, size, settings["devices"])),
     ]
-    volume_rows = [
-        [name, device, volume, f"{v['volume_seconds']:.1f} ± {v['volume_seconds_spread']:.1f}", f"{v['peak_rss_mb']:.0f}",
-         f"{v['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in v else "-", v["batch_size"]]
-        for name, m in models.items() for device, sizes in m.get("volumes", {}).items() for volume, v in sizes.items()
-    ]
-    if volume_rows:
+    volumes = volume_rows(models)
+    if volumes:
         parts.append(table(["model", "device", "volume WxHxS", "end-to-end s", "peak RSS MB", "peak GPU MB", "batch"],
-                           volume_rows))
-    ratio_rows = [[ours, peer, key, f"{value:.3f}"] for peer, by_preset in report["ratio_vs_peer"].items()
-                  for ours, figures in by_preset.items() for key, value in figures.items()]
-    if ratio_rows:
-        parts.append(table(["ours", "peer", "figure", "ours / peer"], ratio_rows))
-    notes = [f"{name}: {m['note']}" for name, m in models.items()]
-    return "\n\n".join(parts + ["\n".join(notes)])
-
-
-def speed_prefixes(devices: Sequence[str]) -> list[str]:
-    return [p for d in devices for p in ((d, "cuda_bf16") if d == "cuda" else (d,))]
+                           volumes))
+    compared = ratio_rows(report["ratio_vs_peer"])
+    if compared:
+        parts.append(table(["ours", "peer", "figure", "ours / peer"], compared))
+    return "\n\n".join(parts + ["\n".join(f"{name}: {m['note']}" for name, m in models.items())])
 
 
 # ---------------------------------------------------------------- driver
 
 
-def measure(subject: Subject, image: sitk.Image, volumes: dict[Size3, Path], settings: Settings, workdir: Path) -> dict[str, Any]:
+def measure(
+    subject: Subject, image: sitk.Image, volumes: dict[Size3, Path], settings: Settings, workdir: Path
+) -> dict[str, Any]:
+    """Every figure of one model; its volume runs use its best batch size on each device."""
     sample = sample_slice(image, settings.slice_size)
     figures = static_figures(subject, sample, settings.slice_size)
     figures.update(slice_speed(subject, sample, settings))
@@ -651,7 +683,9 @@ def run_benchmark(settings: Settings, workdir: Path) -> dict[str, Any]:
             "flops_unit": "FLOP, 2 per multiply-add (torch FlopCounterMode)",
         },
         "models": {**models, **peers},
-        "ratio_vs_peer": {peer: {ours: ratios(models[ours], figures) for ours in models} for peer, figures in peers.items()},
+        "ratio_vs_peer": {
+            peer: {ours: ratios(models[ours], theirs) for ours in models} for peer, theirs in peers.items()
+        },
     }
 
 

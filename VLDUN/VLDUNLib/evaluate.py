@@ -38,7 +38,7 @@ from .degradations import (
 )
 from .inference import VolumePredictor, prior_slice_indices
 from .intensity import fit_window, normalize, to_unit_range
-from .metrics import dice, iou, psnr, ssim
+from .metrics import dice, iou, mean_defined, psnr, ssim
 from .weights import DEFAULT_WEIGHTS, MODELS_DIR
 
 TUMOUR_CLASSES = {"necrosis", "edema", "non_enhancing", "enhancing"}
@@ -191,11 +191,6 @@ def summarise_case(result: dict[str, Any], class_names: dict[int, str]) -> dict[
         if TUMOUR_CLASSES & set(class_names.values()):
             row["dice"]["whole_tumor"] = dice((pred > 0).astype(np.uint8), (ref > 0).astype(np.uint8), 1)
     return row
-
-
-def mean_defined(values: list[float | None]) -> float | None:
-    defined = [v for v in values if v is not None]
-    return float(np.mean(defined)) if defined else None
 
 
 def aggregate(rows: list[dict[str, Any]], cases: int, modalities: tuple[str, ...]) -> dict[str, Any]:

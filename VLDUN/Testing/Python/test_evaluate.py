@@ -1,0 +1,63 @@
+"""`vldun evaluate`: report shape, fixed seeds, baseline rows, ablation checks, on real data (small)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from model_factory import tiny_predictor
+from VLDUNLib.data import read_dataset
+from VLDUNLib.evaluate import Protocol, check_ablation, write_report
+
+DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    datasets = [read_dataset(DATA / "Dataset001_ACDC"), read_dataset(DATA / "Dataset003_COVID19CT")]
+    predictor = tiny_predictor(modalities=("ACDC/MRI", "BraTS2015/T1c"))
+    return out, write_report(predictor, datasets, Protocol(size=48), out, max_cases=1, weights_name="tiny")
+
+
+def test_metrics_json_has_the_documented_shape(report):
+    out, result = report
+    saved = json.loads((out / "metrics.json").read_text())
+    acdc = saved["datasets"]["Dataset001_ACDC"]
+    assert acdc["cases"] == 1
+    assert set(acdc["input"]) == {"psnr", "ssim"}
+    assert {"psnr", "ssim", "dice", "dice_mean", "iou_mean"} <= set(acdc["model"])
+    assert set(acdc["model"]["dice"]) == {"RV", "MYO", "LV"}
+    assert 0 <= acdc["modality_accuracy"] <= 1 and 0 <= acdc["degradation_accuracy"] <= 1
+    assert "Cartesian undersampling, acceleration 4" in saved["protocol"]
+
+
+def test_dataset_unknown_to_the_model_reports_ood_instead_of_accuracy(report):
+    _, result = report
+    covid = result["datasets"]["Dataset003_COVID19CT"]
+    assert covid["modality_accuracy"] is None
+    assert 0 <= covid["ood_fraction"] <= 1
+    assert "dice" not in covid["model"]
+
+
+def test_table_and_montages_are_written(report):
+    out, _ = report
+    table = (out / "table.md").read_text()
+    assert "| Degraded input |" in table and "Dataset001_ACDC PSNR" in table
+    assert (out / "montages" / "Dataset001_ACDC.png").stat().st_size > 1000
+
+
+def test_two_runs_print_the_same_numbers(report, tmp_path):
+    _, first = report
+    second = write_report(tiny_predictor(modalities=("ACDC/MRI", "BraTS2015/T1c")), [read_dataset(DATA / "Dataset001_ACDC")], Protocol(size=48), tmp_path,
+                          max_cases=1, weights_name="tiny")
+    assert second["datasets"]["Dataset001_ACDC"] == first["datasets"]["Dataset001_ACDC"]
+
+
+def test_ablation_mismatch_is_refused():
+    check_ablation(tiny_predictor(ablation="no_fd"), "no_fd")
+    with pytest.raises(ValueError, match="not the 'no_fd' ablation"):
+        check_ablation(tiny_predictor(), "no_fd")
