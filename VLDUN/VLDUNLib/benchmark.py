@@ -50,6 +50,10 @@ MNI_T1 = "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 Size3 = tuple[int, int, int]
 """A volume size (W, H, S): S slices of W x H."""
 
+PEAKED = 1.1
+"""A batch size this much slower per slice than the best one so far ends the sweep: throughput has
+peaked, and larger batches would only cost time (PromptIR at 256x256 takes seconds per slice on a CPU)."""
+
 
 @dataclass(frozen=True)
 class PeerKind:
@@ -149,6 +153,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """Full sizes by default; `--quick` shrinks everything so the test suite runs the whole path in seconds."""
     quick = bool(args.quick)
     presets = tuple(p.strip() for p in args.presets.split(",") if p.strip())
+    if not presets:
+        raise ValueError("--presets is empty; name at least one preset, e.g. --presets compact.")
     for preset in presets:
         make_config(preset)
     if args.batch_sizes:
@@ -162,7 +168,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         volumes = () if args.volumes == "none" else tuple(parse_volume_size(v) for v in args.volumes.split(","))
     else:
         volumes = ((64, 64, 4),) if quick else ((256, 256, 100), (512, 512, 300))
-    repeats = args.repeats if args.repeats is not None else (1 if quick else 5)
+    repeats = args.repeats if args.repeats is not None else (1 if quick else 3)
     threads = args.threads if args.threads is not None else torch.get_num_threads()
     if repeats < 1 or threads < 1 or args.volume_repeats < 1:
         raise ValueError("--repeats, --threads and --volume-repeats must be 1 or more.")
@@ -327,15 +333,18 @@ def peer_subject(name: str, root: Path) -> Subject:
 
 
 def halving_on_oom(fn: Callable[[int], T], batch: int) -> tuple[int, T]:
-    """`fn(batch)`, halving the batch after each CUDA out-of-memory error: the largest batch that fits."""
+    """`fn(batch)`, halving the batch after each CUDA out-of-memory error: the largest batch that fits.
+
+    The cache is emptied outside the `except` block, once the failed call's frames (and tensors) are gone.
+    """
     while True:
         try:
             return batch, fn(batch)
         except torch.cuda.OutOfMemoryError:
             if batch == 1:
                 raise MemoryError("The GPU ran out of memory even at batch 1; run with --device cpu.") from None
-            torch.cuda.empty_cache()
-            batch //= 2
+        torch.cuda.empty_cache()
+        batch //= 2
 
 
 def timed_call(forward: Callable[[torch.Tensor], object], x: torch.Tensor, bf16: bool) -> Callable[[], None]:
@@ -357,7 +366,10 @@ def batch_sweep(
     settings: Settings,
     bf16: bool,
 ) -> dict[int, tuple[float, float]]:
-    """Batch size -> (median, spread) ms per slice; stops at the first size that had to be halved to fit."""
+    """Batch size -> (median, spread) ms per slice.
+
+    Stops at the first size that had to be halved to fit the GPU, or whose throughput shows the peak is past.
+    """
     from .complexity import median_ms
 
     def measure(batch: int) -> tuple[float, float]:
@@ -368,8 +380,9 @@ def batch_sweep(
     results: dict[int, tuple[float, float]] = {}
     for wanted in batches:
         batch, result = halving_on_oom(measure, wanted)
+        best = min(ms for ms, _ in results.values()) if results else result[0]
         results[batch] = result
-        if batch < wanted:
+        if batch < wanted or result[0] > PEAKED * best:
             break
     return results
 
@@ -378,13 +391,13 @@ def speed_figures(sweep: dict[int, tuple[float, float]], prefix: str, size: int)
     """The JSON figures of one sweep: batch 1, the best batch and every batch tried."""
     best = min(sweep, key=lambda b: sweep[b][0])
     return {
-        f"{prefix}_ms_per_slice_{size}_b1": round(sweep[1][0], 2),
-        f"{prefix}_ms_spread_{size}_b1": round(sweep[1][1], 2),
-        f"{prefix}_ms_per_slice_{size}_best": round(sweep[best][0], 2),
-        f"{prefix}_ms_spread_{size}_best": round(sweep[best][1], 2),
+        f"{prefix}_ms_per_slice_{size}_b1": round(sweep[1][0], 3),
+        f"{prefix}_ms_spread_{size}_b1": round(sweep[1][1], 3),
+        f"{prefix}_ms_per_slice_{size}_best": round(sweep[best][0], 3),
+        f"{prefix}_ms_spread_{size}_best": round(sweep[best][1], 3),
         f"{prefix}_best_batch": best,
-        f"{prefix}_slices_per_s_best": round(1e3 / sweep[best][0], 2),
-        f"{prefix}_ms_per_slice_by_batch": {str(b): round(ms, 2) for b, (ms, _) in sweep.items()},
+        f"{prefix}_slices_per_s_best": round(1e3 / sweep[best][0], 3),
+        f"{prefix}_ms_per_slice_by_batch": {str(b): round(ms, 3) for b, (ms, _) in sweep.items()},
     }
 
 
@@ -422,7 +435,16 @@ def static_figures(subject: Subject, sample: torch.Tensor, size: int) -> dict[st
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (ru_maxrss is in kB on Linux, in bytes on macOS)."""
+    """This process's peak resident memory so far.
+
+    On Linux VmHWM, not ru_maxrss: a process started by fork + exec inherits its parent's ru_maxrss, which
+    would put the benchmark's own memory into every child's figure. Elsewhere ru_maxrss (bytes on macOS).
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -551,10 +573,10 @@ def is_ratio_metric(key: str) -> bool:
 
 
 def ratios(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, float]:
-    """ours / peer for every figure both have (< 1: ours is smaller or faster)."""
+    """ours / peer for every figure both have (< 1: ours is smaller or faster), to 4 significant digits."""
     mine, theirs = flatten(ours), flatten(peer)
     return {
-        key: round(mine[key] / theirs[key], 3)
+        key: float(f"{mine[key] / theirs[key]:.4g}")
         for key in mine
         if is_ratio_metric(key) and isinstance(theirs.get(key), (int, float)) and theirs[key]
     }
@@ -615,7 +637,7 @@ def volume_rows(models: dict[str, Any]) -> list[list[object]]:
 
 
 def ratio_rows(ratio_vs_peer: dict[str, dict[str, dict[str, float]]]) -> list[list[object]]:
-    return [[ours, peer, key, f"{value:.3f}"] for peer, by_preset in ratio_vs_peer.items()
+    return [[ours, peer, key, f"{value:.4g}"] for peer, by_preset in ratio_vs_peer.items()
             for ours, figures in by_preset.items() for key, value in figures.items()]
 
 

@@ -109,14 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("benchmark", help="speed and memory of each preset (and peers)")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--peer", action="append", default=[], help="NAME=PATH of a peer checkout, e.g. promptir=../PromptIR")
     p.add_argument("--quick", action="store_true", help="tiny sizes and 1 repeat: checks the whole path in seconds")
     p.add_argument("--presets", default="compact,paper", help="comma-separated presets (default: compact,paper)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: the CPU, and the GPU when there is one")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every model (default: torch's)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 5, 1 with --quick)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 3, 1 with --quick)")
     p.add_argument("--batch-sizes", default=None,
                    help="comma-separated (default 1,2,4,8,16 on the CPU, up to 64 on the GPU; 1,2 with --quick)")
     p.add_argument("--volumes", default=None,
