@@ -12,17 +12,25 @@ backward that is itself a reversed linear scan. Nothing exponentiates a cumulati
 underflow to zero instead of overflowing. Long sequences are cut into segments that are recomputed in the
 backward pass (gradient checkpointing), so training never keeps more than one segment's (b, l, d, n) state.
 
-Measured by hand on the development machine (2-core Intel Xeon, torch 2.14.1, fp32, best of 8 runs, other
-jobs sharing the cores), ``selective_scan(..., backend="torch")`` with D, z, delta_bias and softplus against
-a plain Python loop over L (the reference in the tests, autograd through it):
+Measured by hand (script not kept) on the development machine: 2-core Intel Xeon (lscpu; the project
+notes describe an AMD EPYC), torch 2.14.1, fp32, ``torch.set_num_threads(1)`` because other jobs kept the
+load average at 2-4 and two-thread timings swung 5x; best of 8 interleaved rounds; "forward" runs under
+no_grad. Full ``selective_scan(..., backend="torch")`` with D, z, delta_bias and softplus, against a plain
+Python loop over L (the reference in the tests, autograd through it) and against mambapy's Blelloch
+``pscan`` run on the same discretization in the same process:
 
-===================================  ===============  ===========  ====================
-case                                 this module      Python loop  mambapy pscan (copy)
-===================================  ===============  ===========  ====================
-b=1, d=128, n=16, L=4096  forward    {F1} ms          {R1} ms      {P1} ms
-b=1, d=128, n=16, L=4096  fwd+bwd    {B1} ms          {RB1} s      {PB1} ms
-b=8, d=48,  n=8,  L=16384 forward    {F2} ms          {R2} ms      {P2} ms
-===================================  ===============  ===========  ====================
+==================================  ===========  ===========  =============
+case                                this module  Python loop  mambapy pscan
+==================================  ===========  ===========  =============
+b=1, d=128, n=16, L=4096   forward  39 ms        246 ms       284 ms
+b=1, d=128, n=16, L=4096   fwd+bwd  236 ms       11.0 s       838 ms
+b=8, d=48,  n=8,  L=16384  forward  497 ms       1.75 s       2.44 s
+==================================  ===========  ===========  =============
+
+In a quieter window with two threads this module took 23 ms, 92 ms and 200 ms for the three cases (the
+project notes list pscan at 86-109 ms forward and 229-262 ms fwd+bwd for the first size on an idle EPYC).
+Chunk length floor(sqrt(L)) and the 2**21-element CPU segment were the fastest of those tried
+(T = sqrt(L) or sqrt(L)/2; segments of 2**19 to 2**23 elements).
 """
 
 from __future__ import annotations
