@@ -264,6 +264,25 @@ def _with_time_left(progress: ProgressCallback | None) -> Callable[[int, int], N
     return report
 
 
+def _content_stamp(node: slicer.vtkMRMLScalarVolumeNode) -> tuple[int, int]:
+    """What changes when the input's voxels or geometry change (image data and node modified times)."""
+    image = node.GetImageData()
+    return (image.GetMTime() if image is not None else 0, node.GetMTime())
+
+
+def _check_unchanged_during_run(
+    scene: Any, input_stamp: tuple[int, int], *nodes: Any
+) -> None:
+    """Nodes removed, or an input edited, while the model ran: write nothing rather than something stale."""
+    for node in nodes:
+        if node.GetScene() is not scene or scene.GetNodeByID(node.GetID()) is not node:
+            raise ValueError(f"{_node_label(node)} was removed from the scene while VLDUN ran; nothing was written. "
+                             "Select the nodes again and re-run.")
+    if _content_stamp(nodes[0]) != input_stamp:
+        raise ValueError(f"{_node_label(nodes[0])} was modified while VLDUN ran; nothing was written. Re-run on the "
+                         "current data.")
+
+
 def _segment_spec(segment: SegmentClass) -> mrml.SegmentSpec:
     """Name from the model (it is what the detection reports); colour and codes from the terminology table."""
     _, color, entry = segment_style(segment.key, segment.label)
@@ -313,6 +332,7 @@ class VLDUNLogic:
         validate_outputs(inputVolume, outputVolume, outputSegmentation)
         _check_options(batch_size, degradation_override)
         axis = mrml.slice_axis(inputVolume)
+        scene, input_stamp = inputVolume.GetScene(), _content_stamp(inputVolume)
         slices = mrml.volume_to_slices(_read_only(slicer.util.arrayFromVolume(inputVolume)), axis)
         prediction = self.predictor(device).predict(
             slices,
@@ -321,6 +341,7 @@ class VLDUNLogic:
             should_cancel=should_cancel,
             degradation_override=degradation_override,
         )
+        _check_unchanged_during_run(scene, input_stamp, inputVolume, outputVolume, outputSegmentation)
         segments = [_segment_spec(segment) for segment in prediction.detection.segments]
         with mrml.outputs_restored_on_failure(outputVolume, outputSegmentation):
             restored = mrml.slices_to_volume(prediction.restored, axis)

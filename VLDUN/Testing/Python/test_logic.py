@@ -311,3 +311,37 @@ def test_logic_imports_and_reports_without_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "['torch'] ['auto', 'cpu']"
+
+
+@pytest.mark.parametrize("victim", ["input", "restored", "segmentation"])
+def test_node_removed_mid_run_writes_nothing(
+    scene: Any, add_volume: Any, outputs: tuple[Any, Any], fake_predictor: Any, victim: str
+) -> None:
+    source = add_volume(scan(), name="scan")
+    restored, segmentation = outputs
+    nodes = {"input": source, "restored": restored, "segmentation": segmentation}
+
+    def remove_after_first_batch(done: int, total: int, seconds_left: float) -> None:
+        if nodes[victim].GetScene() is not None:
+            scene.RemoveNode(nodes[victim])
+
+    with pytest.raises(ValueError, match="removed from the scene while VLDUN ran"):
+        VLDUNLogic(predictor=fake_predictor).process(source, restored, segmentation, progress=remove_after_first_batch,
+                                                     batch_size=2)
+    assert restored.GetImageData() is None
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_input_edited_mid_run_writes_nothing(
+    scene: Any, add_volume: Any, outputs: tuple[Any, Any], fake_predictor: Any
+) -> None:
+    source = add_volume(scan(), name="scan")
+    restored, segmentation = outputs
+
+    def edit(done: int, total: int, seconds_left: float) -> None:
+        if done == 2:
+            source.SetSpacing(3.0, 3.0, 3.0)
+
+    with pytest.raises(ValueError, match="modified while VLDUN ran"):
+        VLDUNLogic(predictor=fake_predictor).process(source, restored, segmentation, progress=edit, batch_size=2)
+    assert restored.GetImageData() is None
