@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", required=True)
     p.add_argument("--weights", default=None)
     p.add_argument("--out", required=True)
+    p.add_argument("--baseline", default=None, help="weights of a peer (e.g. the joint U-Net) reported beside the model")
     p.add_argument("--ablation", default=None, help="evaluate the weights of this Table 3 ablation")
     p.add_argument("--acceleration", type=float, default=4.0)
     p.add_argument("--center-fraction", type=float, default=0.08)

@@ -166,7 +166,7 @@ class Evaluator:
                     montage_rows.append(result)
         if montage_dir is not None and montage_rows:
             save_montage(montage_rows, montage_dir / f"{dataset.name}.png")
-        return aggregate(rows, len(cases), self.model.config.modalities)
+        return aggregate(rows, len(cases), self.model.config.modalities, self.model.prior is not None)
 
 
 def slice_metrics(pred: torch.Tensor, clean: torch.Tensor, indices: list[int]) -> dict[str, float]:
@@ -193,7 +193,7 @@ def summarise_case(result: dict[str, Any], class_names: dict[int, str]) -> dict[
     return row
 
 
-def aggregate(rows: list[dict[str, Any]], cases: int, modalities: tuple[str, ...]) -> dict[str, Any]:
+def aggregate(rows: list[dict[str, Any]], cases: int, modalities: tuple[str, ...], has_prior: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "cases": cases,
         "input": {k: mean_defined([r["input"][k] for r in rows]) for k in ("psnr", "ssim")},
@@ -205,9 +205,9 @@ def aggregate(rows: list[dict[str, Any]], cases: int, modalities: tuple[str, ...
         out["model"]["iou"] = {n: mean_defined([r["iou"][n] for r in rows]) for n in names}
         out["model"]["dice_mean"] = mean_defined([out["model"]["dice"][n] for n in names])
         out["model"]["iou_mean"] = mean_defined([out["model"]["iou"][n] for n in names])
-    known = all(r["truth"] in modalities for r in rows)
+    known = has_prior and all(r["truth"] in modalities for r in rows)
     out["modality_accuracy"] = mean_defined([float(r["modality_correct"]) for r in rows]) if known else None
-    out["ood_fraction"] = mean_defined([float(r["ood"]) for r in rows])
+    out["ood_fraction"] = mean_defined([float(r["ood"]) for r in rows]) if has_prior else None
     hits = [h for r in rows for h in r["degradation_hits"]]
     out["degradation_accuracy"] = float(np.mean(hits)) if hits else None
     return out
@@ -257,6 +257,20 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparison(report: dict[str, Any]) -> str:
+    """How much the model beats (or trails) the baseline, per dataset."""
+    lines = ["", "| Dataset | PSNR model - baseline (dB) | SSIM model - baseline | Dice model - baseline |", "|---|---|---|---|"]
+    for name, entry in report["datasets"].items():
+        model, peer = entry["model"], entry["baseline"]
+        cells = [difference(model.get(k), peer.get(k), digits) for k, digits in (("psnr", 2), ("ssim", 4), ("dice_mean", 4))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def difference(a: float | None, b: float | None, digits: int) -> str:
+    return "-" if a is None or b is None else f"{a - b:+.{digits}f}"
+
+
 def fmt(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -280,8 +294,9 @@ def evaluate_command(args: Namespace) -> dict[str, Any]:
     predictor = VolumePredictor(weights, device=args.device)
     if args.ablation:
         check_ablation(predictor, args.ablation)
+    baseline = VolumePredictor(args.baseline, device=args.device) if args.baseline else None
     return write_report(predictor, read_datasets(args.data), protocol, Path(args.out), args.max_cases,
-                        str(weights or DEFAULT_WEIGHTS))
+                        str(weights or DEFAULT_WEIGHTS), baseline)
 
 
 def write_report(
@@ -291,7 +306,9 @@ def write_report(
     out: Path,
     max_cases: int | None,
     weights_name: str,
+    baseline: VolumePredictor | None = None,
 ) -> dict[str, Any]:
+    """metrics.json, table.md and montages; with `baseline`, its figures sit beside the model's as "baseline"."""
     out.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(predictor, protocol)
     report: dict[str, Any] = {
@@ -300,8 +317,14 @@ def write_report(
         "architecture": predictor.model.config.architecture,
         "datasets": {d.name: evaluator.evaluate(d, max_cases, out / "montages") for d in datasets},
     }
+    if baseline is not None:
+        peer = Evaluator(baseline, protocol)
+        report["models"] = ["model", "baseline"]
+        for d in datasets:
+            report["datasets"][d.name]["baseline"] = peer.evaluate(d, max_cases, None)["model"]
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "table.md").write_text(f"Protocol: {protocol.describe()}\n\nWeights: {weights_name}\n\n" + markdown_table(report))
-    print(markdown_table(report))
+    text = markdown_table(report) + (comparison(report) if baseline is not None else "")
+    (out / "table.md").write_text(f"Protocol: {protocol.describe()}\n\nWeights: {weights_name}\n\n" + text)
+    print(text)
     print(f"Report written to {out}/ (metrics.json, table.md, montages/)")
     return report

@@ -26,10 +26,10 @@ def tiny_predictor(ood_threshold: float = 0.0, **overrides: Any):
     import torch
 
     from VLDUNLib.inference import VolumePredictor
-    from VLDUNLib.network import VLDUN
+    from VLDUNLib.network import build_model
     from VLDUNLib.weights import ModelInfo
 
     torch.manual_seed(0)
     config = tiny_config(**overrides)
     info = ModelInfo(config, ["background", "ACDC/RV", "ACDC/MYO", "ACDC/LV"], {"ACDC": [1, 2, 3]}, ood_threshold)
-    return VolumePredictor(device="cpu", model=(VLDUN(config).eval(), info))
+    return VolumePredictor(device="cpu", model=(build_model(config).eval(), info))

@@ -61,3 +61,21 @@ def test_ablation_mismatch_is_refused():
     check_ablation(tiny_predictor(ablation="no_fd"), "no_fd")
     with pytest.raises(ValueError, match="not the 'no_fd' ablation"):
         check_ablation(tiny_predictor(), "no_fd")
+
+
+def test_baseline_is_reported_beside_the_model_with_the_difference(tmp_path):
+    datasets = [read_dataset(DATA / "Dataset001_ACDC")]
+    baseline = tiny_predictor(architecture="unet")
+    result = write_report(tiny_predictor(), datasets, Protocol(size=48), tmp_path, max_cases=1, weights_name="tiny",
+                          baseline=baseline)
+    entry = result["datasets"]["Dataset001_ACDC"]
+    assert {"psnr", "ssim", "dice_mean"} <= set(entry["baseline"])
+    table = (tmp_path / "table.md").read_text()
+    assert "| baseline |" in table and "PSNR model - baseline" in table
+
+
+def test_model_without_prior_has_no_modality_figures(tmp_path):
+    result = write_report(tiny_predictor(architecture="unet"), [read_dataset(DATA / "Dataset001_ACDC")],
+                          Protocol(size=48), tmp_path, max_cases=1, weights_name="unet")
+    entry = result["datasets"]["Dataset001_ACDC"]
+    assert entry["modality_accuracy"] is None and entry["ood_fraction"] is None and entry["degradation_accuracy"] is None
