@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from VLDUNLib.config import PriorConfig, VLDUNConfig, make_config
+
+DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
+"""The developer datasets beside the checkout (../shared/data), as CI lays them out."""
 
 TINY_PRIOR = PriorConfig(
     image_size=32, patch_size=16, vision_width=32, vision_layers=1, vision_head_width=16,

@@ -11,7 +11,7 @@ from model_factory import tiny_predictor
 from VLDUNLib.data import read_dataset
 from VLDUNLib.evaluate import Protocol, check_ablation, write_report
 
-DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+from model_factory import DATA
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
 
 
