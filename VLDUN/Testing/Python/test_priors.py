@@ -60,7 +60,7 @@ def test_image_text_loss_trains_the_visual_encoder_towards_its_prompt():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert float(loss) < first / 2
+    assert loss.item() < first / 2
 
 
 def test_pooled_prior_is_one_per_volume():
