@@ -18,7 +18,7 @@ import slicer
 import vtk
 from vtk.util.numpy_support import get_vtk_array_type, vtk_to_numpy
 
-from .geometry import slices_to_volume, through_plane_axis, volume_to_slices
+from .geometry import slices_to_volume, through_plane_axis, volume_to_slices  # noqa: F401 (re-exported for callers)
 
 """A spacing this much larger than both others marks the thick-slice (acquisition) axis."""
 

@@ -4,7 +4,6 @@ and every voxel, through real MRML nodes and the real (tiny) network."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import slicer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
