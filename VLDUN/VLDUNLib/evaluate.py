@@ -29,6 +29,7 @@ from .config import ABLATIONS
 from .data import CaseLike, DatasetInfo, load_case, read_datasets, resize_slices, split_cases
 from .degradations import (
     DEGRADATIONS,
+    Degraded,
     gaussian_blur,
     gaussian_noise,
     low_resolution,
@@ -81,7 +82,7 @@ def primitive_trials(clean: torch.Tensor, imaging: str, protocol: Protocol, seed
         low_resolution(clean, 3.0),
     ]
     protocol_kind = "sparse_view" if imaging == "CT" else "undersampling"
-    trials.append(type(trials[0])(degrade_protocol(clean, imaging, protocol, seed), DEGRADATIONS.index(protocol_kind)))
+    trials.append(Degraded(degrade_protocol(clean, imaging, protocol, seed), DEGRADATIONS.index(protocol_kind)))
     return [(t.label, t.image) for t in trials]
 
 

@@ -308,8 +308,9 @@ class Trainer:
             val_set = SliceDataset([info], val, self.modalities, self.labels, patch=self.run.patch, augment=False)
             for start in range(0, len(val_set), 16):
                 idx = list(range(start, min(start + 16, len(val_set))))
-                clean = torch.stack([torch.as_tensor(val_set.item(i, None)["clean"]) for i in idx])
-                modality = [val_set.item(i, None)["modality"] for i in idx]
+                items = [val_set.item(i, None) for i in idx]
+                clean = torch.stack([torch.as_tensor(item["clean"]) for item in items])
+                modality = [item["modality"] for item in items]
                 generator = step_generator(self.run.seed, "calibrate", start, 0)
                 degraded, _ = degrade_batch(clean, [self.imaging[int(m)] for m in modality], generator, primitives=False)
                 probs = self.model.compute_prior(degraded.to(self.device)).modality_probs
