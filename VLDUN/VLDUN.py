@@ -233,9 +233,22 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             if dependenciesReady():
                 self._fillDegradationComboBox()
-                self._run()
+                self._runOrOfferCpu()
         except Exception as error:
             slicer.util.errorDisplay(f"VLDUN failed: {error}", detailedText=traceback.format_exc())
+
+    def _runOrOfferCpu(self) -> None:
+        """A GPU out of memory even one slice at a time gets one question: run the same job on the CPU now."""
+        from VLDUNLib.inference import DeviceOutOfMemory
+
+        try:
+            self._run()
+        except DeviceOutOfMemory as error:
+            question = f"{error}\n\nRun it on the CPU now? That is slower, but uses the computer's main memory."
+            if not slicer.util.confirmOkCancelDisplay(question, "VLDUN: GPU out of memory"):
+                raise
+            self._parameterNode.device = "cpu"
+            self._run()
 
     def _run(self) -> None:
         from VLDUNLib.logic import Cancelled

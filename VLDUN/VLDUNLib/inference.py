@@ -26,6 +26,10 @@ PRIOR_SLICES = 5
 """Slices the prior looks at per volume (evenly spaced over the central 60 %)."""
 
 
+class DeviceOutOfMemory(MemoryError):
+    """The GPU ran out of memory even at batch 1; the same run fits on the CPU, which uses main memory."""
+
+
 class Cancelled(Exception):
     """Raised by `VolumePredictor.predict` when `should_cancel()` returned True between batches."""
 
@@ -173,7 +177,7 @@ class VolumePredictor:
                 out = self.model(self._slices(volume, window, range(start, stop)), prior.expand(stop - start) if prior else None)
             except torch.cuda.OutOfMemoryError as error:
                 if batch_size == 1:
-                    raise MemoryError(
+                    raise DeviceOutOfMemory(
                         "The GPU ran out of memory even one slice at a time; run on device 'cpu' instead."
                     ) from error
                 if torch.cuda.is_available():

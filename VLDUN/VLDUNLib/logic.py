@@ -229,6 +229,30 @@ def validate_outputs(
             raise ValueError(
                 f"The output {_node_label(node)} is not in the input's scene; add it there (scene.AddNode) first."
             )
+    _check_not_completed(output_segmentation)
+
+
+def completed_segments(segmentation: slicer.vtkMRMLSegmentationNode) -> list[str]:
+    """Names of the segments marked "Completed" in the Segment Editor's status column.
+
+    Slicer has no lock on volume or segmentation nodes; "Completed" is how a reviewer marks a segment as
+    finished (corrected by hand), so a re-run must not replace it.
+    """
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    segmentation_data = segmentation.GetSegmentation()
+    segments = (segmentation_data.GetNthSegment(i) for i in range(segmentation_data.GetNumberOfSegments()))
+    return [segment.GetName() for segment in segments if logic.GetSegmentStatus(segment) == logic.Completed]
+
+
+def _check_not_completed(segmentation: slicer.vtkMRMLSegmentationNode) -> None:
+    """Refuse to overwrite finished (hand-corrected) segments; say how to keep them or release them."""
+    done = completed_segments(segmentation)
+    if done:
+        raise ValueError(
+            f"The output segmentation {_node_label(segmentation)} has segments marked Completed ({', '.join(done)}): "
+            "re-running would replace that finished work. Choose 'Create new segmentation' as the output, or set "
+            "their status back to In progress in the Segment Editor to allow replacing them."
+        )
 
 
 def _check_options(batch_size: int, degradation_override: str | None) -> None:
@@ -281,6 +305,7 @@ def _check_unchanged_during_run(
     if _content_stamp(nodes[0]) != input_stamp:
         raise ValueError(f"{_node_label(nodes[0])} was modified while VLDUN ran; nothing was written. Re-run on the "
                          "current data.")
+    _check_not_completed(nodes[-1])
 
 
 def _segment_spec(segment: SegmentClass) -> mrml.SegmentSpec:

@@ -20,6 +20,7 @@ so a resumed run continues exactly as an uninterrupted one. Multi-GPU runs use `
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -113,8 +114,13 @@ def load_run_config(path: Path) -> RunConfig:
 
 
 def step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Generator:
-    """All randomness of one step: independent of what ran before, so resuming is exact."""
-    return torch.Generator().manual_seed(hash((seed, stage, step, rank)) % (2**63))
+    """All randomness of one step: independent of what ran before, so resuming is exact.
+
+    The seed is a SHA-256 of the step's identity, not Python's ``hash``, which is salted per process and
+    would give a resumed run (a new process) other batches than the uninterrupted one.
+    """
+    digest = hashlib.sha256(f"{seed}/{stage}/{step}/{rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def learning_rate(stage: StageConfig, step: int, time_fraction: float = 0.0) -> float:

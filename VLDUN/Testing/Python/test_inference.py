@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model_factory import tiny_predictor
-from VLDUNLib.inference import Cancelled, prior_slice_indices, resolve_device
+from VLDUNLib.inference import Cancelled, DeviceOutOfMemory, prior_slice_indices, resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_out_of_memory_at_batch_one_names_the_cpu_fix(volume, monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(type(predictor.model), "forward", always)
-    with pytest.raises(MemoryError, match="cpu"):
+    with pytest.raises(DeviceOutOfMemory, match="cpu"):
         predictor.predict(volume, batch_size=2)
 
 

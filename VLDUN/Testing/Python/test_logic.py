@@ -345,3 +345,43 @@ def test_input_edited_mid_run_writes_nothing(
     with pytest.raises(ValueError, match="modified while VLDUN ran"):
         VLDUNLogic(predictor=fake_predictor).process(source, restored, segmentation, progress=edit, batch_size=2)
     assert restored.GetImageData() is None
+
+
+def _mark_completed(segmentation: Any, index: int = 0) -> str:
+    segment = segmentation.GetSegmentation().GetNthSegment(index)
+    module_logic = slicer.vtkSlicerSegmentationsModuleLogic
+    module_logic.SetSegmentStatus(segment, module_logic.Completed)
+    return segment.GetName()
+
+
+def test_completed_segments_are_not_overwritten(
+    scene: Any, add_volume: Any, outputs: tuple[Any, Any], fake_predictor: Any
+) -> None:
+    """Segments a reviewer marked Completed are finished work: a re-run into them is refused, untouched."""
+    source = add_volume(scan(), name="scan")
+    restored, segmentation = outputs
+    VLDUNLogic(predictor=fake_predictor).process(source, restored, segmentation)
+    name = _mark_completed(segmentation)
+    before, state = exported_labels(scene, segmentation), segment_summary(segmentation)
+    with pytest.raises(ValueError, match=f"marked Completed \\({name}\\).*Create new segmentation"):
+        VLDUNLogic(predictor=fake_predictor).process(source, restored, segmentation)
+    assert segment_summary(segmentation) == state
+    np.testing.assert_array_equal(exported_labels(scene, segmentation), before)
+    assert logic.completed_segments(segmentation) == [name]
+
+
+def test_segment_completed_mid_run_writes_nothing(
+    scene: Any, add_volume: Any, outputs: tuple[Any, Any], fake_predictor: Any
+) -> None:
+    source = add_volume(scan(), name="scan")
+    restored, segmentation = outputs
+    VLDUNLogic(predictor=fake_predictor).process(source, restored, segmentation)
+    image = restored.GetImageData()
+
+    def complete(done: int, total: int, seconds_left: float) -> None:
+        if done == 2:
+            _mark_completed(segmentation)
+
+    with pytest.raises(ValueError, match="marked Completed"):
+        VLDUNLogic(predictor=fake_predictor).process(source, restored, segmentation, progress=complete, batch_size=2)
+    assert restored.GetImageData() is image

@@ -137,6 +137,29 @@ def test_segmented_checkpointed_scan_matches_loop(monkeypatch: pytest.MonkeyPatc
     check_against_loop(scan_inputs(b, d, n, length), softplus=True)
 
 
+@pytest.mark.parametrize("segment_positions", [1, 7, 64, 1000])
+def test_no_grad_scan_in_reused_buffers_matches_loop(monkeypatch: pytest.MonkeyPatch, segment_positions: int) -> None:
+    """Inference takes the buffer-reusing path; it must give the unoptimised (autograd) path's numbers."""
+    b, d, n, length = 2, 3, 4, 150
+    monkeypatch.setattr(ssm, "_CPU_SEGMENT_ELEMENTS", segment_positions * b * d * n)
+    inputs = scan_inputs(b, d, n, length)
+    with torch.no_grad():
+        fast = selective_scan(**inputs, delta_softplus=True, backend="torch")
+    assert_close_scaled(fast, loop_selective_scan(**inputs, delta_softplus=True))
+    torch.testing.assert_close(fast, selective_scan(**inputs, delta_softplus=True, backend="torch"),
+                               rtol=0, atol=1e-6)
+
+
+def test_bimamba_inference_equals_training_mode_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ssm, "_CPU_SEGMENT_ELEMENTS", 2**10)
+    torch.manual_seed(0)
+    layer = BiMamba2D(6, d_state=4, expand=1.5)
+    image = torch.randn(2, 6, 9, 13)
+    with torch.inference_mode():
+        fast = layer(image)
+    torch.testing.assert_close(fast, layer(image), rtol=0, atol=1e-5)
+
+
 def test_segmented_scan_keeps_no_full_length_state(monkeypatch: pytest.MonkeyPatch) -> None:
     b, d, n, length = 1, 4, 4, 2048
     monkeypatch.setattr(ssm, "_CPU_SEGMENT_ELEMENTS", 64 * b * d * n)
