@@ -10,12 +10,15 @@ Mamba itself is Gu & Dao (2023), "Mamba: Linear-time sequence modeling with sele
 over the chunk carries, then a second pass that rewrites each chunk from its true initial state) with a custom
 backward that is itself a reversed linear scan. Nothing exponentiates a cumulative sum, so large step sizes
 underflow to zero instead of overflowing. Long sequences are cut into segments that are recomputed in the
-backward pass (gradient checkpointing), so training never keeps more than one segment's (b, l, d, n) state.
+backward pass (gradient checkpointing), so training never keeps more than one segment's (b, l, n, d) state.
+Inference (no autograd) reuses one set of segment buffers and does the elementwise work (softplus, D skip,
+silu gate) per segment in the layers' (b, L, d) token layout: fresh 8 MiB buffers page-fault, and whole-tensor
+elementwise passes are memory-bound, each costing about as much as the arithmetic of the scan itself.
 
-Measured by hand (script not kept) on the development machine: 2-core Intel Xeon (lscpu; the project
-notes describe an AMD EPYC), torch 2.14.1, fp32, ``torch.set_num_threads(1)`` because other jobs kept the
-load average at 2-4 and two-thread timings swung 5x; best of 8 interleaved rounds; "forward" runs under
-no_grad. Full ``selective_scan(..., backend="torch")`` with D, z, delta_bias and softplus, against a plain
+Measured by hand before that inference path existed (script not kept) on the development machine: 2-core
+Intel Xeon (lscpu; the project notes describe an AMD EPYC), torch 2.14.1, fp32, ``torch.set_num_threads(1)``
+because other jobs kept the load average at 2-4 and two-thread timings swung 5x; best of 8 interleaved
+rounds; "forward" runs under no_grad. Full ``selective_scan(..., backend="torch")`` with D, z, delta_bias and softplus, against a plain
 Python loop over L (the reference in the tests, autograd through it) and against mambapy's Blelloch
 ``pscan`` run on the same discretization in the same process:
 

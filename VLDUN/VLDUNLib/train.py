@@ -288,6 +288,7 @@ class Trainer:
             classes=list(self.labels.keys),
             dataset_classes={k: list(v) for k, v in self.labels.dataset_classes.items()},
             ood_threshold=self.calibrate_ood_threshold(),
+            train_size=self.run.patch,
             extra={
                 "run": asdict(self.run),
                 "datasets": [info.name for info in self.infos],

@@ -41,6 +41,8 @@ class ModelInfo:
     """Dataset short name -> the global class indices it labels."""
     ood_threshold: float = 0.5
     """Modality confidence under which a scan is reported as unlike the training data."""
+    train_size: int | None = None
+    """Longer side, in pixels, of the training slices; inference segments at this scale (None: native)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Provenance (data, command, metrics): copied into the model card, never interpreted."""
 
@@ -52,6 +54,7 @@ class ModelInfo:
             "classes": self.classes,
             "dataset_classes": self.dataset_classes,
             "ood_threshold": self.ood_threshold,
+            "train_size": self.train_size,
             "extra": self.extra,
         }
 
@@ -130,7 +133,12 @@ def _info_from_meta(meta: dict[str, Any], json_path: Path) -> ModelInfo:
     bad = [i for v in dataset_classes.values() for i in v if not 0 < i < config.num_classes]
     if bad:
         raise WeightsError(f"{json_path.name}: dataset class indices {bad} are outside the head's classes.")
-    return ModelInfo(config, classes, dataset_classes, float(meta.get("ood_threshold", 0.5)), meta.get("extra", {}))
+    train_size = meta.get("train_size")
+    if train_size is not None and (not isinstance(train_size, int) or isinstance(train_size, bool) or train_size < 16):
+        raise WeightsError(f"{json_path.name}: train_size must be a whole number of pixels >= 16 or null, "
+                           f"got {train_size!r}.")
+    ood = float(meta.get("ood_threshold", 0.5))
+    return ModelInfo(config, classes, dataset_classes, ood, train_size, meta.get("extra", {}))
 
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelInfo]:

@@ -113,3 +113,34 @@ def test_unavailable_devices_are_refused_with_the_fix():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="auto"):
             resolve_device("cuda")
+
+
+
+@pytest.mark.parametrize(("train_size", "passes"), [(None, [(24, 20)]), (24, [(24, 20)]),
+                                                    (12, [(24, 20), (12, 12)]), (48, [(24, 20), (48, 48)])])
+def test_segmentation_runs_at_the_training_scale(volume, train_size, passes):
+    """Restoration keeps every pixel; labels come from slices scaled and padded as in training, then resized."""
+    predictor = tiny_predictor()
+    predictor.info.train_size = train_size
+    sizes = []
+    predictor.model.register_forward_pre_hook(lambda module, args: sizes.append(tuple(args[0].shape[-2:])))
+    prediction = predictor.predict(volume, batch_size=5)
+    assert sizes == passes
+    assert prediction.labels.shape == prediction.restored.shape == volume.shape
+
+
+def test_training_scale_labels_follow_the_small_pass(volume):
+    """Labels are the small pass's logits brought back to the slice: a class filling its right half fills
+    the right half of the labels (LV is label 3 of the tiny model's ACDC classes)."""
+    predictor = tiny_predictor()
+    predictor.info.train_size = 12
+
+    def right_half_is_lv(module, args, out):
+        if args[0].shape[-1] == 12:
+            out.seg_logits = torch.zeros_like(out.seg_logits)
+            out.seg_logits[:, 3, :, 6:] = 10.0
+        return out
+
+    predictor.model.register_forward_hook(right_half_is_lv)
+    labels = predictor.predict(volume).labels
+    assert (labels[:, :, 12:] == 3).all() and (labels[:, :, :8] == 0).all()

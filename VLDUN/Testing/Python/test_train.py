@@ -329,6 +329,7 @@ def test_exported_model_loads_verified_with_classes_validation_cases_and_ood_thr
     expected_val = {i.name: [c.case_id for c in split_cases(i, 0.2, 3)[1]] for i in read_datasets(data)}
     assert info.extra["validation_cases"] == expected_val and all(len(v) == 1 for v in expected_val.values())
     assert 0 < info.ood_threshold <= 1
+    assert info.train_size == 16
 
 
 def read_log(run: Path) -> list[dict[str, str]]:

@@ -17,7 +17,7 @@ def saved(tmp_path):
     torch.manual_seed(0)
     config = tiny_config()
     model = VLDUN(config).eval()
-    info = ModelInfo(config, ["background", "A/x", "A/y", "B/z"], {"A": [1, 2], "B": [3]}, 0.4)
+    info = ModelInfo(config, ["background", "A/x", "A/y", "B/z"], {"A": [1, 2], "B": [3]}, 0.4, train_size=96)
     path = tmp_path / "model.safetensors"
     save_weights(model, info, path)
     return model, path
@@ -30,6 +30,15 @@ def test_round_trip_gives_the_same_outputs(saved):
     with torch.no_grad():
         assert torch.equal(model(x).restored, loaded(x).restored)
     assert info.dataset_classes == {"A": [1, 2], "B": [3]} and info.ood_threshold == 0.4
+    assert info.train_size == 96
+
+
+@pytest.mark.parametrize("size", [8, 96.5, "128", True])
+def test_bad_training_size_is_refused(saved, size):
+    _, path = saved
+    edit_config(path, lambda m: m.update(train_size=size))
+    with pytest.raises(WeightsError, match="train_size"):
+        load_model(path)
 
 
 def test_sha256_is_in_the_config(saved):
