@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -359,3 +361,27 @@ def test_resumed_log_continues_without_repeating_steps(resumed: Resumed) -> None
     assert [(r["stage"], int(r["step"])) for r in rows] == [
         *(("prior", s) for s in range(PRIOR_STEPS)), *(("joint", s) for s in range(JOINT_STEPS))
     ]
+
+
+# ------------------------------------------------------------------------------------------ DistributedDataParallel
+
+
+def _ddp_rank(rank: int, settings: dict[str, Any], port: int, out: str) -> None:
+    """One of two CPU (gloo) ranks, set up as torchrun would; writes a hash of its final parameters."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    trainer = train.Trainer(RunConfig(**settings))
+    trainer.fit(resume=False)
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in trainer.model.parameters()))
+    Path(out, f"rank{rank}.txt").write_text(digest.hexdigest())
+
+
+def test_two_ddp_ranks_end_with_identical_parameters(data: list[Path], tmp_path: Path) -> None:
+    """Each rank draws its own batches; DDP's gradient all-reduce must keep the replicas equal, in both stages."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = run_settings(data, tmp_path / "run")
+    torch.multiprocessing.spawn(_ddp_rank, args=(settings, port, str(tmp_path)), nprocs=2)
+    digests = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert digests[0] == digests[1]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
