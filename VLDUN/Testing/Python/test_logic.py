@@ -354,13 +354,17 @@ def _mark_completed(segmentation: Any, index: int = 0) -> str:
     return segment.GetName()
 
 
-def test_completed_segments_are_not_overwritten(
-    scene: Any, add_volume: Any, outputs: tuple[Any, Any], fake_predictor: Any
-) -> None:
-    """Segments a reviewer marked Completed are finished work: a re-run into them is refused, untouched."""
+@pytest.fixture
+def processed(add_volume: Any, outputs: tuple[Any, Any], fake_predictor: Any) -> tuple[Any, Any, Any]:
+    """(input, restored, segmentation) after one run, as a reviewer finds them before correcting segments."""
     source = add_volume(scan(), name="scan")
-    restored, segmentation = outputs
-    VLDUNLogic(predictor=fake_predictor).process(source, restored, segmentation)
+    VLDUNLogic(predictor=fake_predictor).process(source, *outputs)
+    return (source, *outputs)
+
+
+def test_completed_segments_are_not_overwritten(scene: Any, processed: tuple[Any, Any, Any], fake_predictor: Any) -> None:
+    """Segments a reviewer marked Completed are finished work: a re-run into them is refused, untouched."""
+    source, restored, segmentation = processed
     name = _mark_completed(segmentation)
     before, state = exported_labels(scene, segmentation), segment_summary(segmentation)
     with pytest.raises(ValueError, match=f"marked Completed \\({name}\\).*Create new segmentation"):
@@ -370,12 +374,8 @@ def test_completed_segments_are_not_overwritten(
     assert logic.completed_segments(segmentation) == [name]
 
 
-def test_segment_completed_mid_run_writes_nothing(
-    scene: Any, add_volume: Any, outputs: tuple[Any, Any], fake_predictor: Any
-) -> None:
-    source = add_volume(scan(), name="scan")
-    restored, segmentation = outputs
-    VLDUNLogic(predictor=fake_predictor).process(source, restored, segmentation)
+def test_segment_completed_mid_run_writes_nothing(processed: tuple[Any, Any, Any], fake_predictor: Any) -> None:
+    source, restored, segmentation = processed
     image = restored.GetImageData()
 
     def complete(done: int, total: int, seconds_left: float) -> None:
