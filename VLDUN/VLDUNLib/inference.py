@@ -26,6 +26,10 @@ from .weights import ModelInfo, load_model
 PRIOR_SLICES = 5
 """Slices the prior looks at per volume (evenly spaced over the central 60 %)."""
 
+MAX_BATCH_PIXELS = 8 * 256 * 256
+"""Most pixels in one batch: the batch size shrinks for large slices (2 at 512², 1 at 1024²), so the
+network's working memory stays that of 8 slices of 256² whatever the scan."""
+
 
 class DeviceOutOfMemory(MemoryError):
     """The GPU ran out of memory even at batch 1; the same run fits on the CPU, which uses main memory."""
@@ -191,6 +195,7 @@ class VolumePredictor:
         global_ids = torch.tensor([0] + [self.info.classes.index(s.key) for s in detection.segments], device=self.device)
         restored = np.empty(volume.shape, np.float32)
         labels = np.zeros(volume.shape, np.uint8)
+        batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // (volume.shape[1] * volume.shape[2])))
         total, start = len(volume), 0
         while start < total:
             if should_cancel is not None and should_cancel():

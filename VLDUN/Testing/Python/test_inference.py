@@ -144,3 +144,14 @@ def test_training_scale_labels_follow_the_small_pass(volume):
     predictor.model.register_forward_hook(right_half_is_lv)
     labels = predictor.predict(volume).labels
     assert (labels[:, :, 12:] == 3).all() and (labels[:, :, :8] == 0).all()
+
+
+def test_large_slices_are_batched_by_pixels(monkeypatch):
+    """A big scan is streamed in batches of at most MAX_BATCH_PIXELS pixels, whatever batch size was asked."""
+    from VLDUNLib import inference
+
+    monkeypatch.setattr(inference, "MAX_BATCH_PIXELS", 2 * 32 * 32)
+    volume = np.random.default_rng(0).normal(100, 20, (5, 32, 32)).astype(np.float32)
+    done = []
+    tiny_predictor().predict(volume, batch_size=8, progress=lambda d, t: done.append(d))
+    assert done == [2, 4, 5]
