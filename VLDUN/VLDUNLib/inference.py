@@ -124,8 +124,9 @@ class VolumePredictor:
         """Segmentation logits from slices scaled as in training, brought back to the slices' own size.
 
         The model learned anatomy at `info.train_size` pixels per longer side, centred on a black square
-        (`data.resize_slices`): on a 512-pixel slice a heart is four times larger than any it saw. Restoration stays at native resolution (it must keep every
-        pixel); this second pass at training scale costs 1/4 of the first for 256-pixel slices and less above.
+        (`data.resize_slices`): on a 512-pixel slice a heart is four times larger than any it saw.
+        Restoration stays at native resolution (it must keep every pixel); this second pass costs a
+        quarter of the first for 256-pixel slices and less above.
         """
         size = self.info.train_size
         height, width = batch.shape[-2:]

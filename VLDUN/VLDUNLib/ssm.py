@@ -18,9 +18,9 @@ elementwise passes are memory-bound, each costing about as much as the arithmeti
 Measured by hand before that inference path existed (script not kept) on the development machine: 2-core
 Intel Xeon (lscpu; the project notes describe an AMD EPYC), torch 2.14.1, fp32, ``torch.set_num_threads(1)``
 because other jobs kept the load average at 2-4 and two-thread timings swung 5x; best of 8 interleaved
-rounds; "forward" runs under no_grad. Full ``selective_scan(..., backend="torch")`` with D, z, delta_bias and softplus, against a plain
-Python loop over L (the reference in the tests, autograd through it) and against mambapy's Blelloch
-``pscan`` run on the same discretization in the same process:
+rounds; "forward" runs under no_grad. Full ``selective_scan(..., backend="torch")`` with D, z, delta_bias
+and softplus, against a plain Python loop over L (the reference in the tests, autograd through it) and
+against mambapy's Blelloch ``pscan`` run on the same discretization in the same process:
 
 ==================================  ===========  ===========  =============
 case                                this module  Python loop  mambapy pscan
