@@ -123,10 +123,10 @@ class VLDUNConfig:
 
 
 PRESETS: dict[str, VLDUNConfig] = {
+    "compact": VLDUNConfig(),
     # `paper` keeps the paper's size (K = 7 stages, 21 M parameters) but, like `compact`, enters the U at half
     # resolution through a lossless pixel-unshuffle stem: full-resolution Bi-Mamba scans took 10.1 s against
     # 2.7 s per 256x256 slice on one CPU thread with the same parameters (`stem_stride: 1` restores them).
-    "compact": VLDUNConfig(),
     "paper": VLDUNConfig(
         preset="paper",
         channels=48,

@@ -715,9 +715,11 @@ def label_space(infos: Sequence[DatasetInfo]) -> LabelSpace:
 # ------------------------------------------------------------------------------------------ training slices
 
 
-def _fit_size(height: int, width: int, patch: int) -> tuple[int, int]:
+def content_box(height: int, width: int, patch: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a height x width slice once resized to longer side ``patch`` and centred."""
     scale = patch / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    size = max(1, round(height * scale)), max(1, round(width * scale))
+    return (patch - size[0]) // 2, (patch - size[1]) // 2, *size
 
 
 def _pad_centre(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -733,24 +735,31 @@ def _nearest_indices(size_in: int, size_out: int) -> torch.Tensor:
     return centres.floor().long().clamp(max=size_in - 1)
 
 
+def resize_images(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(N, C, H, W) float images at longer side ``patch`` (area averaging down, bilinear up, so [0, 1] stays
+    [0, 1]), centre-padded with 0 to (N, C, P, P): the geometry of every training sample."""
+    _, _, height, width = content_box(*images.shape[-2:], patch)
+    mode = "area" if height < images.shape[-2] else "bilinear"
+    options = {} if mode == "area" else {"align_corners": False}
+    resized = F.interpolate(images, size=(height, width), mode=mode, **options)
+    return _pad_centre(resized, patch)
+
+
 def resize_slices(slices: np.ndarray, patch: int, kind: Literal["image", "label"]) -> np.ndarray:
     """(S, H, W) slices resized so the longer side is ``patch`` (aspect kept), centre-padded to (S, P, P).
 
-    The geometry of every training sample, so evaluation can reproduce it. Images (float32) shrink by area
-    averaging and grow bilinearly, so [0, 1] stays [0, 1]; labels take the nearest pixel (pixel centres
-    aligned) and keep their dtype, so no class values are invented. Padding is 0: black image, background.
+    The geometry of every training sample, so evaluation can reproduce it. Images (float32) go through
+    ``resize_images``; labels take the nearest pixel (pixel centres aligned) and keep their dtype, so no
+    class values are invented. Padding is 0: black image, background.
     """
     if slices.ndim != 3 or kind not in ("image", "label"):
         raise ValueError(f"resize_slices needs (S, H, W) slices and kind 'image'/'label', got {slices.shape}, {kind!r}")
-    height, width = slices.shape[-2:]
-    size = _fit_size(height, width, patch)
     if kind == "label":
-        rows, cols = _nearest_indices(height, size[0]), _nearest_indices(width, size[1])
+        _, _, height, width = content_box(*slices.shape[-2:], patch)
+        rows, cols = _nearest_indices(slices.shape[1], height), _nearest_indices(slices.shape[2], width)
         return _pad_centre(torch.from_numpy(slices)[:, rows][:, :, cols], patch).numpy()
     images = torch.from_numpy(np.asarray(slices, dtype=np.float32))[:, None]
-    mode = "area" if size[0] < height else "bilinear"
-    resized = F.interpolate(images, size=size, mode=mode, **({} if mode == "area" else {"align_corners": False}))
-    return _pad_centre(resized[:, 0], patch).numpy()
+    return resize_images(images, patch)[:, 0].numpy()
 
 
 class SliceDataset(Dataset):

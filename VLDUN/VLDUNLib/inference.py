@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import content_box, resize_images
 from .intensity import IntensityWindow, denormalize, fit_window, normalize, to_unit_range
 from .network import VLDUN
 from .priors import PriorOutput
@@ -132,13 +133,8 @@ class VolumePredictor:
         height, width = batch.shape[-2:]
         if native is None or size is None or max(height, width) == size:
             return native
-        scale = size / max(height, width)
-        shape = (max(1, round(height * scale)), max(1, round(width * scale)))
-        mode = "area" if scale < 1 else "bilinear"
-        small = F.interpolate(batch, size=shape, mode=mode, **({} if mode == "area" else {"align_corners": False}))
-        top, left = (size - shape[0]) // 2, (size - shape[1]) // 2
-        square = F.pad(small, (left, size - shape[1] - left, top, size - shape[0] - top))
-        logits = self.model(square, prior).seg_logits[..., top : top + shape[0], left : left + shape[1]]
+        top, left, rows, cols = content_box(height, width, size)
+        logits = self.model(resize_images(batch, size), prior).seg_logits[..., top : top + rows, left : left + cols]
         return F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
 
     @torch.no_grad()

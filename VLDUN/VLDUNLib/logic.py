@@ -305,7 +305,6 @@ def _check_unchanged_during_run(
     if _content_stamp(nodes[0]) != input_stamp:
         raise ValueError(f"{_node_label(nodes[0])} was modified while VLDUN ran; nothing was written. Re-run on the "
                          "current data.")
-    _check_not_completed(nodes[-1])
 
 
 def _segment_spec(segment: SegmentClass) -> mrml.SegmentSpec:
@@ -367,6 +366,7 @@ class VLDUNLogic:
             degradation_override=degradation_override,
         )
         _check_unchanged_during_run(scene, input_stamp, inputVolume, outputVolume, outputSegmentation)
+        _check_not_completed(outputSegmentation)
         segments = [_segment_spec(segment) for segment in prediction.detection.segments]
         with mrml.outputs_restored_on_failure(outputVolume, outputSegmentation):
             restored = mrml.slices_to_volume(prediction.restored, axis)
