@@ -2,7 +2,8 @@
 
 Protocol (fixed, seeded, written into every report): each slice is normalised to [0, 1] by the shared
 normalisation (`intensity.fit_window` per volume, then clipped), resized so its longer side is `size`
-(as in training), and degraded by Cartesian undersampling (MRI; acceleration 4, 8 % centre) or radial
+(as in training; `size` 0 keeps the scan's own resolution and segments at the model's training scale, as
+Slicer does), and degraded by Cartesian undersampling (MRI; acceleration 4, 8 % centre) or radial
 sparse-view sampling (CT; 60 spokes), with a generator seeded by the case name. PSNR and SSIM (data
 range 1) compare the degraded input and the restored output with the clean slice, averaged over the
 non-empty slices of a case, then over cases. Dice and IoU are computed per case over the whole volume,
@@ -20,7 +21,7 @@ import json
 from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -53,12 +54,20 @@ class Protocol:
     size: int = 128
 
     def describe(self) -> str:
+        scale = (
+            f"resized to longer side {self.size}" if self.size
+            else "kept at each scan's own resolution (segmented at the model's training scale, as in Slicer)"
+        )
         return (
             f"MRI: Cartesian undersampling, acceleration {self.acceleration:g}, {self.center_fraction:.0%} fully "
             f"sampled centre, random lines; CT: radial sparse-view sampling, {self.spokes} spokes; slices "
-            f"normalised to [0, 1] by the shared normalisation and resized to longer side {self.size}; "
+            f"normalised to [0, 1] by the shared normalisation and {scale}; "
             "PSNR/SSIM with data range 1; seeds from the case names"
         )
+
+    def scaled(self, slices: np.ndarray, kind: Literal["image", "label"]) -> np.ndarray:
+        """Slices at the protocol's size; `size` 0 leaves them at the scan's own resolution."""
+        return resize_slices(slices, self.size, kind) if self.size else slices
 
 
 def case_seed(case_id: str, channel: int) -> int:
@@ -107,8 +116,8 @@ class Evaluator:
     def run_case(self, dataset: DatasetInfo, case: CaseLike, channel: int) -> dict[str, Any]:
         image, label = load_case(case, channel)
         clean_np = to_unit_range(normalize(image, fit_window(image)))
-        clean = torch.from_numpy(resize_slices(clean_np, self.protocol.size, "image"))[:, None]
-        reference = resize_slices(label, self.protocol.size, "label") if label is not None else None
+        clean = torch.from_numpy(np.ascontiguousarray(self.protocol.scaled(clean_np, "image"), dtype=np.float32))[:, None]
+        reference = self.protocol.scaled(label, "label") if label is not None else None
         seed = case_seed(case.case_id, channel)
         degraded = degrade_protocol(clean, dataset.imaging, self.protocol, seed)
         device = self.predictor.device
@@ -119,11 +128,12 @@ class Evaluator:
         restored, logits = [], []
         for start in range(0, len(clean), 16):
             part = degraded[start : start + 16].to(device)
-            out = self.model(part, prior.expand(len(part)) if prior is not None else None)
+            part_prior = prior.expand(len(part)) if prior is not None else None
+            out = self.model(part, part_prior)
             if out.restored is not None:
                 restored.append(out.restored.clamp(0, 1).cpu())
             if out.seg_logits is not None:
-                logits.append(out.seg_logits.cpu())
+                logits.append(self.predictor.segmentation_logits(part, part_prior, out.seg_logits).cpu())
         result: dict[str, Any] = {"detection": detection}
         nonempty = [i for i in range(len(clean)) if clean[i].max() > 0]
         result["input"] = slice_metrics(degraded, clean, nonempty)

@@ -119,7 +119,7 @@ class VolumePredictor:
         tensor = torch.from_numpy(to_unit_range(normalize(batch, window)))
         return tensor[:, None].to(self.device)
 
-    def _segmentation_logits(
+    def segmentation_logits(
         self, batch: torch.Tensor, prior: PriorOutput | None, native: torch.Tensor | None
     ) -> torch.Tensor | None:
         """Segmentation logits from slices scaled as in training, brought back to the slices' own size.
@@ -202,7 +202,7 @@ class VolumePredictor:
                 batch = self._slices(volume, window, range(start, stop))
                 batch_prior = prior.expand(stop - start) if prior else None
                 out = self.model(batch, batch_prior)
-                seg_logits = self._segmentation_logits(batch, batch_prior, out.seg_logits)
+                seg_logits = self.segmentation_logits(batch, batch_prior, out.seg_logits)
             except torch.cuda.OutOfMemoryError as error:
                 if batch_size == 1:
                     raise DeviceOutOfMemory(

@@ -4,7 +4,7 @@
     encoder  level l = 0..L-2 : x = Stage(x, y_l, prior); skip; x = Down(x); y_{l+1} = Down_y(y_l)
     bottleneck level L-1      : x = Stage(x, y_{L-1}, prior)
     decoder  level l = L-2..0 : x = Up(x); x = Merge(x, skip); x = Stage(x, y_l, prior)
-    restored = y + RecHead(x)          segmentation logits = SegHead(x)
+    restored = RestorationHead(x, y)   segmentation logits = SegHead(x)
 
 Any height and width work: the input is padded (reflect) to a multiple of `config.size_multiple`
 inside `forward` and both outputs are cropped back, so callers never pad.
@@ -53,6 +53,28 @@ class Upsample(nn.Module):
         return self.body(x)
 
 
+class RestorationHead(nn.Module):
+    """Features at stem resolution -> restored image at full resolution: y + a refined residual.
+
+    A pixel-shuffle alone predicts each of the stride^2 sub-pixel positions with its own filters, which left a
+    fixed grid in the residual (low-passing it raised held-out abdominal CT PSNR by 1 dB). A 3x3 refinement at
+    full resolution, which also sees the degraded input, couples the sub-pixels. Its last convolution starts at
+    zero, so an untrained (or newly attached) head returns the input unchanged and training only adds what helps.
+    """
+
+    def __init__(self, width: int, out_channels: int, stride: int, hidden: int = 8) -> None:
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(width, hidden * stride**2, 3, padding=1), nn.PixelShuffle(stride))
+        self.refine = nn.Sequential(
+            nn.Conv2d(hidden + out_channels, hidden, 3, padding=1), nn.GELU(), nn.Conv2d(hidden, out_channels, 3, padding=1)
+        )
+        nn.init.zeros_(self.refine[-1].weight)
+        nn.init.zeros_(self.refine[-1].bias)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y + self.refine(torch.cat([self.expand(x), y], 1))
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """Reflect-pad H and W up to a multiple (replicate where the image is too small to reflect)."""
     h, w = x.shape[-2:]
@@ -94,11 +116,7 @@ class VLDUN(nn.Module):
         self.merge = nn.ModuleList(nn.Conv2d(2 * widths[level], widths[level], 1) for level in range(c.levels - 1))
         self.decoder = nn.ModuleList(stage(level) for level in range(c.levels - 1))
         unshuffle = c.stem_stride**2
-        self.rec_head = (
-            nn.Sequential(nn.Conv2d(widths[0], c.in_channels * unshuffle, 3, padding=1), nn.PixelShuffle(c.stem_stride))
-            if c.rec_head
-            else None
-        )
+        self.rec_head = RestorationHead(widths[0], c.in_channels, c.stem_stride) if c.rec_head else None
         self.seg_head = (
             nn.Sequential(
                 nn.Conv2d(widths[0], widths[0], 3, padding=1),
@@ -131,7 +149,7 @@ class VLDUN(nn.Module):
         x = self.decode(self.encode(y, tokens), tokens)
         restored = seg = None
         if self.rec_head is not None:
-            restored = (y + self.rec_head(x))[..., :h, :w]
+            restored = self.rec_head(x, y)[..., :h, :w]
         if self.seg_head is not None:
             seg = self.seg_head(x)[..., :h, :w]
         return VLDUNOutput(restored, seg, prior)

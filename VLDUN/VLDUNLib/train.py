@@ -43,7 +43,7 @@ from .data import CaseLike, SliceDataset, SliceRef, label_space, modality_classe
 from .degradations import random_degradation
 from .network import build_model
 from .priors import focal_loss, image_text_loss
-from .weights import ModelInfo, save_weights
+from .weights import ModelInfo, load_matching_weights, save_weights
 
 
 @dataclass
@@ -83,6 +83,8 @@ class RunConfig:
     model is exported as usual. A time-limited run is not bit-reproducible (the schedule follows the clock)."""
     threads: int | None = None
     clip_weights: str | None = None
+    init_weights: str | None = None
+    """A VLDUN .safetensors to start from (fine-tuning): tensors whose name and shape match are copied."""
     amp: bool = True
     """bf16 autocast on CUDA (ignored on the CPU, where bf16 is slower here)."""
 
@@ -107,6 +109,8 @@ def load_run_config(path: Path) -> RunConfig:
     base = path.parent
     raw["data"] = [str((base / d).resolve()) for d in raw["data"]]
     raw["out"] = str((base / raw["out"]).resolve())
+    if raw.get("init_weights"):
+        raw["init_weights"] = str((base / raw["init_weights"]).resolve())
     try:
         return RunConfig(**raw)
     except TypeError as error:
@@ -190,7 +194,11 @@ class Trainer:
                 "modalities": tuple(m.key for m in self.modalities),
             },
         )
-        self.model = build_model(self.config, clip_weights=run.clip_weights).to(self.device)
+        self.model = build_model(self.config, clip_weights=run.clip_weights)
+        if run.init_weights:
+            fresh = load_matching_weights(self.model, run.init_weights)
+            print(f"Started from {run.init_weights}; {len(fresh)} tensors kept their fresh initialisation: {fresh}")
+        self.model.to(self.device)
         self.imaging = [m.imaging for m in self.modalities]
 
     def batch(self, stage: str, step: int, size: int) -> dict[str, torch.Tensor]:

@@ -165,3 +165,20 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
             state[key] = tensor
     model.load_state_dict(state)
     return model.to(device).eval(), info
+
+
+def load_matching_weights(model: torch.nn.Module, path: str | Path) -> list[str]:
+    """Start `model` from verified weights: copy every tensor whose name and shape match; return the model's others.
+
+    Fine-tuning the shipped model on new data (other classes, a changed head) keeps what still fits and leaves
+    the rest at its fresh initialisation, as nnU-Net does with pretrained weights; the caller reports the list.
+    """
+    path, _ = read_model_info(path)
+    own = model.state_dict()
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        state = {key: handle.get_tensor(key) for key in handle.keys() if key in own}
+    state = {key: tensor for key, tensor in state.items() if tensor.shape == own[key].shape}
+    if not state:
+        raise WeightsError(f"{path.name} shares no tensor with this model; is it a model of another architecture?")
+    model.load_state_dict(state, strict=False)
+    return sorted(set(own) - set(state))

@@ -78,3 +78,22 @@ def test_model_without_prior_has_no_modality_figures(tmp_path):
                           Protocol(size=48), tmp_path, max_cases=1, weights_name="unet")
     entry = result["datasets"]["Dataset001_ACDC"]
     assert entry["modality_accuracy"] is None and entry["ood_fraction"] is None and entry["degradation_accuracy"] is None
+
+
+def test_native_protocol_keeps_the_scan_resolution_and_segments_at_the_training_scale():
+    from VLDUNLib.data import load_case
+    from VLDUNLib.evaluate import Evaluator
+
+    dataset = read_dataset(DATA / "Dataset001_ACDC")
+    case = dataset.cases[0]
+    image, label = load_case(case, 0)
+    predictor = tiny_predictor()
+    evaluator = Evaluator(predictor, Protocol(size=0))
+    predictor.info.train_size = None
+    at_native = evaluator.run_case(dataset, case, 0)
+    predictor.info.train_size = 48
+    at_training_scale = evaluator.run_case(dataset, case, 0)
+    assert at_native["clean"].shape[-2:] == image.shape[-2:] and at_native["labels"].shape == label.shape
+    assert (at_native["labels"] != at_training_scale["labels"]).any()
+    assert at_native["input"] == at_training_scale["input"]
+    assert "own resolution" in Protocol(size=0).describe()

@@ -12,9 +12,22 @@ from VLDUNLib.network import VLDUN, build_model, pad_to_multiple
 from VLDUNLib.unfolding import frequency_split
 
 
-def tiny_model(**overrides) -> VLDUN:
+def tiny_model(trained_head: bool = True, **overrides) -> VLDUN:
+    """A small model; `trained_head` gives the restoration head's zero-initialised last conv weights, as training does."""
     torch.manual_seed(0)
-    return VLDUN(tiny_config(**overrides))
+    model = VLDUN(tiny_config(**overrides))
+    if trained_head and model.rec_head is not None:
+        torch.nn.init.normal_(model.rec_head.refine[-1].weight, std=0.1)
+    return model
+
+
+def test_untrained_restoration_head_returns_the_input():
+    model = tiny_model(trained_head=False).eval()
+    x = torch.rand(2, 1, 17, 23)
+    with torch.no_grad():
+        out = model(x)
+    assert torch.equal(out.restored, x)
+    assert out.seg_logits.abs().sum() > 0
 
 
 @pytest.mark.parametrize("size", [(17, 23), (32, 32), (9, 40), (1, 1)])

@@ -385,3 +385,15 @@ def test_two_ddp_ranks_end_with_identical_parameters(data: list[Path], tmp_path:
     digests = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
     assert digests[0] == digests[1]
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_fine_tuning_starts_from_every_exported_tensor_that_fits(reference: Path, data: list[Path], tmp_path: Path) -> None:
+    settings = {**run_settings(data[:1], tmp_path / "tuned"), "init_weights": "../ref/model.safetensors"}
+    (tmp_path / "ref").symlink_to(reference)
+    run = load_run_config(write_config(tmp_path / "configs", settings))
+    assert run.init_weights == str((tmp_path / "ref" / "model.safetensors").resolve())
+    trainer = train.Trainer(run)
+    saved, own = tensors(reference), trainer.model.state_dict()
+    fresh = {k for k, v in own.items() if v.shape != saved[k].shape}
+    assert fresh and all(k.startswith(("seg_head.", "prior.classifier.")) for k in fresh), "one dataset: fewer classes"
+    assert all(torch.equal(v, saved[k]) for k, v in own.items() if k not in fresh)

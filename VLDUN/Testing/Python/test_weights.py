@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from model_factory import tiny_config
-from VLDUNLib.network import VLDUN
-from VLDUNLib.weights import ModelInfo, WeightsError, load_model, save_weights
+from VLDUNLib.network import VLDUN, build_model
+from VLDUNLib.weights import ModelInfo, WeightsError, load_matching_weights, load_model, save_weights
 
 
 @pytest.fixture()
@@ -29,6 +29,7 @@ def test_round_trip_gives_the_same_outputs(saved):
     x = torch.rand(1, 1, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x).restored, loaded(x).restored)
+        assert torch.equal(model(x).seg_logits, loaded(x).seg_logits)
     assert info.dataset_classes == {"A": [1, 2], "B": [3]} and info.ood_threshold == 0.4
     assert info.train_size == 96
 
@@ -95,3 +96,30 @@ def test_pickles_and_missing_configs_are_refused(saved, tmp_path):
     path.with_suffix(".json").unlink()
     with pytest.raises(WeightsError, match="missing"):
         load_model(path)
+
+
+def test_fine_tuning_start_keeps_every_tensor_that_fits(saved):
+    model, path = saved
+    torch.manual_seed(1)
+    other = VLDUN(tiny_config(num_classes=7))
+    fresh = load_matching_weights(other, path)
+    head = [k for k in other.state_dict() if k.startswith("seg_head.") and other.state_dict()[k].shape != model.state_dict()[k].shape]
+    assert fresh == sorted(head) and head
+    source, target = model.state_dict(), other.state_dict()
+    assert all(torch.equal(source[k], target[k]) for k in target if k not in fresh)
+    assert not torch.equal(source[head[0]][:1], target[head[0]][:1])
+
+
+def test_fine_tuning_from_another_architecture_is_refused(saved):
+    _, path = saved
+    with pytest.raises(WeightsError, match="shares no tensor"):
+        load_matching_weights(build_model(tiny_config(architecture="unet")), path)
+
+
+def test_fine_tuning_checks_the_hash(saved):
+    _, path = saved
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="SHA-256"):
+        load_matching_weights(VLDUN(tiny_config()), path)
