@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--center-fraction", type=float, default=0.08)
     p.add_argument("--spokes", type=int, default=60)
     p.add_argument("--size", type=int, default=128,
-                   help="slices are resized so the longer side is this; 0 keeps each scan's own resolution (the Slicer path)")
+                   help="slices are resized so the longer side is this; 0 keeps each scan's own resolution "
+                   "(the Slicer path)")
     p.add_argument("--max-cases", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_evaluate)

@@ -53,6 +53,10 @@ class Protocol:
     spokes: int = 60
     size: int = 128
 
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            raise ValueError(f"size must be a number of pixels, or 0 for each scan's own resolution; got {self.size}.")
+
     def describe(self) -> str:
         scale = (
             f"resized to longer side {self.size}" if self.size
@@ -116,7 +120,8 @@ class Evaluator:
     def run_case(self, dataset: DatasetInfo, case: CaseLike, channel: int) -> dict[str, Any]:
         image, label = load_case(case, channel)
         clean_np = to_unit_range(normalize(image, fit_window(image)))
-        clean = torch.from_numpy(np.ascontiguousarray(self.protocol.scaled(clean_np, "image"), dtype=np.float32))[:, None]
+        scaled = np.ascontiguousarray(self.protocol.scaled(clean_np, "image"), dtype=np.float32)
+        clean = torch.from_numpy(scaled)[:, None]
         reference = self.protocol.scaled(label, "label") if label is not None else None
         seed = case_seed(case.case_id, channel)
         degraded = degrade_protocol(clean, dataset.imaging, self.protocol, seed)

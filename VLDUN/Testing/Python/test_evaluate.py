@@ -97,3 +97,8 @@ def test_native_protocol_keeps_the_scan_resolution_and_segments_at_the_training_
     assert (at_native["labels"] != at_training_scale["labels"]).any()
     assert at_native["input"] == at_training_scale["input"]
     assert "own resolution" in Protocol(size=0).describe()
+
+
+def test_negative_size_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="0 for each scan's own resolution"):
+        Protocol(size=-1)

@@ -50,13 +50,15 @@ def test_sha256_is_in_the_config(saved):
     assert meta["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_tampered_weights_are_refused(saved):
+@pytest.mark.parametrize("load", [load_model, lambda path: load_matching_weights(VLDUN(tiny_config()), path)],
+                         ids=["load", "fine-tuning start"])
+def test_tampered_weights_are_refused(saved, load):
     _, path = saved
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(WeightsError, match="SHA-256"):
-        load_model(path)
+        load(path)
 
 
 def edit_config(path, change):
@@ -114,12 +116,3 @@ def test_fine_tuning_from_another_architecture_is_refused(saved):
     _, path = saved
     with pytest.raises(WeightsError, match="shares no tensor"):
         load_matching_weights(build_model(tiny_config(architecture="unet")), path)
-
-
-def test_fine_tuning_checks_the_hash(saved):
-    _, path = saved
-    data = bytearray(path.read_bytes())
-    data[-5] ^= 0xFF
-    path.write_bytes(bytes(data))
-    with pytest.raises(WeightsError, match="SHA-256"):
-        load_matching_weights(VLDUN(tiny_config()), path)
