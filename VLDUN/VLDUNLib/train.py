@@ -194,11 +194,7 @@ class Trainer:
                 "modalities": tuple(m.key for m in self.modalities),
             },
         )
-        self.model = build_model(self.config, clip_weights=run.clip_weights)
-        if run.init_weights:
-            fresh = load_matching_weights(self.model, run.init_weights)
-            print(f"Started from {run.init_weights}; {len(fresh)} tensors kept their fresh initialisation: {fresh}")
-        self.model.to(self.device)
+        self.model = build_model(self.config, clip_weights=run.clip_weights).to(self.device)
         self.imaging = [m.imaging for m in self.modalities]
 
     def batch(self, stage: str, step: int, size: int) -> dict[str, torch.Tensor]:
@@ -246,7 +242,11 @@ class Trainer:
     def fit(self, resume: bool) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "run.json").write_text(json.dumps(asdict(self.run), indent=2) + "\n")
-        state = load_checkpoint(self.out, self.model) if resume else {"stage": None, "step": 0}
+        if resume:
+            state = load_checkpoint(self.out, self.model)
+        else:
+            self.start_from_init_weights()
+            state = {"stage": None, "step": 0}
         for stage in self.stages():
             done = state["stage"] is not None and self.stages().index(stage) < self.stages().index(state["stage"])
             if done:
@@ -254,6 +254,12 @@ class Trainer:
             first = state["step"] if state["stage"] == stage else 0
             self.run_stage(stage, first, state if state["stage"] == stage else None)
         return self.export()
+
+    def start_from_init_weights(self) -> None:
+        """Fine-tuning start; a resumed run skips it (its checkpoint has every tensor), so the file may be gone."""
+        if self.run.init_weights:
+            fresh = load_matching_weights(self.model, self.run.init_weights)
+            print(f"Started from {self.run.init_weights}; {len(fresh)} tensors kept their fresh initialisation: {fresh}")
 
     def run_stage(self, stage: str, first: int, resumed: dict[str, Any] | None) -> None:
         cfg = self.run.prior if stage == "prior" else self.run.joint

@@ -393,6 +393,7 @@ def test_fine_tuning_starts_from_every_exported_tensor_that_fits(reference: Path
     run = load_run_config(write_config(tmp_path / "configs", settings))
     assert run.init_weights == str((tmp_path / "ref" / "model.safetensors").resolve())
     trainer = train.Trainer(run)
+    trainer.start_from_init_weights()
     saved, own = tensors(reference), trainer.model.state_dict()
     fresh = {k for k, v in own.items() if v.shape != saved[k].shape}
     assert fresh and all(k.startswith(("seg_head.", "prior.classifier.")) for k in fresh), "one dataset: fewer classes"
