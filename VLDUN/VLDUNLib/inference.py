@@ -9,7 +9,8 @@ prior detects selects which dataset's classes are reported.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,23 @@ network's working memory stays that of 8 slices of 256² whatever the scan."""
 
 
 class DeviceOutOfMemory(MemoryError):
-    """The GPU ran out of memory even at batch 1; the same run fits on the CPU, which uses main memory."""
+    """The GPU ran out of memory where no batch is left to halve; the same run fits on the CPU (main memory)."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__(f"The GPU ran out of memory {step}; run on device 'cpu' instead.")
+
+
+@contextmanager
+def _cpu_fix_on_out_of_memory(step: str) -> Iterator[None]:
+    """A CUDA out-of-memory error in `step` (no batch to halve there) -> `DeviceOutOfMemory`, which names the fix.
+
+    An H100 capped at 43 MiB failed first in the prior (with a bare CUDA error, before this), not in the
+    slice loop, so the model's load and the prior need the same answer as batch 1.
+    """
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as error:
+        raise DeviceOutOfMemory(step) from error
 
 
 class Cancelled(Exception):
@@ -112,7 +129,8 @@ class VolumePredictor:
     ) -> None:
         self.device = resolve_device(device)
         self.model, self.info = model if model is not None else load_model(weights, "cpu")
-        self.model.to(self.device).eval()
+        with _cpu_fix_on_out_of_memory("loading the model"):
+            self.model.to(self.device).eval()
 
     def _slices(self, volume: np.ndarray, window: IntensityWindow, indices: range | list[int]) -> torch.Tensor:
         batch = np.asarray(volume[list(indices)], dtype=np.float32)
@@ -187,7 +205,8 @@ class VolumePredictor:
         if volume.ndim != 3:
             raise ValueError(f"Expected a (slices, rows, columns) array, got shape {volume.shape}.")
         window = fit_window(volume)
-        prior = self.volume_prior(volume, window, degradation_override)
+        with _cpu_fix_on_out_of_memory("computing the vision-language prior"):
+            prior = self.volume_prior(volume, window, degradation_override)
         detection = self.detection(prior)
         global_ids = torch.tensor([0] + [self.info.classes.index(s.key) for s in detection.segments], device=self.device)
         restored = np.empty(volume.shape, np.float32)
@@ -205,9 +224,7 @@ class VolumePredictor:
                 seg_logits = self.segmentation_logits(batch, batch_prior, out.seg_logits)
             except torch.cuda.OutOfMemoryError as error:
                 if batch_size == 1:
-                    raise DeviceOutOfMemory(
-                        "The GPU ran out of memory even one slice at a time; run on device 'cpu' instead."
-                    ) from error
+                    raise DeviceOutOfMemory("even one slice at a time") from error
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 batch_size = max(1, batch_size // 2)

@@ -69,6 +69,32 @@ def test_out_of_memory_at_batch_one_names_the_cpu_fix(volume, monkeypatch):
         predictor.predict(volume, batch_size=2)
 
 
+def test_out_of_memory_in_the_prior_names_the_cpu_fix(volume, monkeypatch):
+    """On an H100 capped at 43 MiB the prior ran out first, as a bare CUDA error the module could not offer CPU for."""
+    predictor = tiny_predictor()
+
+    def no_memory(self, degraded):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(type(predictor.model), "compute_prior", no_memory)
+    with pytest.raises(DeviceOutOfMemory, match="prior; run on device 'cpu'"):
+        predictor.predict(volume)
+
+
+def test_out_of_memory_while_loading_the_model_names_the_cpu_fix(monkeypatch):
+    from VLDUNLib.inference import VolumePredictor
+
+    predictor = tiny_predictor()
+    model, info = predictor.model, predictor.info
+
+    def no_memory(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(type(model), "to", no_memory)
+    with pytest.raises(DeviceOutOfMemory, match="loading the model; run on device 'cpu'"):
+        VolumePredictor(device="cpu", model=(model, info))
+
+
 def test_cancel_stops_between_batches(volume):
     calls = []
 
