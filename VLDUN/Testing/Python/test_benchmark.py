@@ -16,6 +16,8 @@ from VLDUNLib.benchmark import (
     GreyAsPeerInput,
     batch_sweep,
     benchmark_command,
+    graph_replay,
+    graph_rows,
     halving_on_oom,
     load_peer,
     parse_peer,
@@ -187,3 +189,27 @@ def test_ratios_compare_common_figures_only() -> None:
     peer = {"params": 40, "flops_64": 100, "cpu_ms_spread_64_b1": 1.0, "cpu_best_batch": 2,
             "volumes": {"cpu": {"4x4x4": {"volume_seconds": 4.0, "batch_size": 2}}}}
     assert ratios(ours, peer) == {"params": 0.25, "flops_64": 0.5, "volumes/cpu/4x4x4/volume_seconds": 0.5}
+
+
+def test_graph_replay_figures_are_tabled_and_compared() -> None:
+    models = {"paper": {"cuda_bf16_graph_ms_per_slice_256_b1": 7.146, "cuda_bf16_graph_ms_spread_256_b1": 0.146},
+              "promptir": {"cuda_bf16_graph_error_256_b1": "operation not permitted when stream is capturing"}}
+    assert graph_rows(models, 256) == [["paper", "7.15 ± 0.15"],
+                                       ["promptir", "not capturable: operation not permitted when stream is capturing"]]
+    peer = {"cuda_bf16_graph_ms_per_slice_256_b1": 14.292}
+    assert ratios(models["paper"], peer) == {"cuda_bf16_graph_ms_per_slice_256_b1": 0.5}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_replay_recomputes_the_eager_bf16_forward() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.GELU(), torch.nn.Conv2d(4, 1, 1)).cuda()
+    x = torch.rand(1, 1, 32, 32, device="cuda")
+    outputs: list[torch.Tensor] = []
+    replay = graph_replay(lambda batch: outputs.append(model(batch)), x)
+    with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+        eager = model(x)
+    x.copy_(torch.rand_like(x))
+    replay()
+    with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+        torch.testing.assert_close(outputs[-1], model(x))
+    assert not torch.equal(outputs[-1], eager)
