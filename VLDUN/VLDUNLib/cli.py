@@ -1,4 +1,4 @@
-"""`vldun`: the command line of the library (demo, predict, train, evaluate, complexity, benchmark)."""
+"""`vldun`: the command line of the library (demo, predict, train, prepare, evaluate, complexity, benchmark)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,22 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from . import prepared
+    from .train import load_run_config
+
+    run = load_run_config(Path(args.config))
+    if any(d.endswith(prepared.SUFFIX) for d in run.data):
+        raise ValueError(f"{args.config}: its data is already a prepared file; list the dataset folders to prepare")
+    slices = prepared.from_folders(run.data, run.patch, run.val_fraction, run.seed)
+    path = prepared.save(slices, args.out)
+    validation = sum(len(v) for v in slices.validation.values())
+    print(f"Wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {len(slices.train)} training and {validation} "
+          f"validation slices of {len(slices.validation)} datasets at {run.patch} px. Train from it with "
+          f"`data: [{path.resolve()}]` in a run config (same patch and val_fraction).")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_command
 
@@ -94,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("prepare", help="write a run's training and validation slices to one .vldun file")
+    p.add_argument("config", help="the run config whose data, patch, val_fraction and seed to use")
+    p.add_argument("--out", required=True, help="the file to write, ending in .vldun")
+    p.set_defaults(func=_prepare)
 
     p = sub.add_parser("evaluate", help="PSNR/SSIM/Dice/IoU report on datasets in the nnU-Net layout")
     p.add_argument("--data", nargs="+", required=True)

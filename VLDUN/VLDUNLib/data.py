@@ -4,6 +4,9 @@ A dataset folder holds ``dataset.json``, ``imagesTr/<case>_<CCCC><ending>`` (one
 ``labelsTr/<case><ending>``; endings .nii.gz, .nii, .nrrd and .mha are read with SimpleITK. Slices lie along
 the last file axis (numpy axis 0 of ``sitk.GetArrayFromImage``); a 2-D case is a volume of one slice.
 
+SimpleITK is imported only where files are read: training from a prepared file (``prepared.py``) and
+inference on arrays need no image reader.
+
 Users point the tool at their own folders, so every check reports all problems at once, each with the case
 it concerns (``DatasetError``), and nothing is dropped silently.
 
@@ -27,7 +30,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
@@ -302,6 +304,8 @@ def _error_text(error: Exception) -> str:
 
 def _read_header(path: Path) -> _Header | str:
     """The image header of a file, or the problem that prevents reading it."""
+    import SimpleITK as sitk
+
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -359,6 +363,8 @@ def _header_problems(case: Case) -> list[str]:
 
 def _read_array(path: Path) -> np.ndarray:
     """(S, H, W) voxels; a 2-D file becomes one slice."""
+    import SimpleITK as sitk
+
     array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     return array[None] if array.ndim == 2 else array
 
@@ -781,14 +787,13 @@ class SliceDataset(Dataset):
         patch: int = 128,
         augment: bool = False,
     ) -> None:
-        if patch < 16:
-            raise ValueError(f"patch must be at least 16 pixels, got {patch}")
         self.infos = {info.short_name: info for info in infos}
-        self.modalities = list(modalities) if modalities is not None else modality_classes(infos)
-        self.label_space = labels if labels is not None else label_space(infos)
-        self.datasets = list(self.label_space.dataset_classes)
-        self.patch, self.augment, self.skipped = patch, augment, 0
-        self._masks = {name: self.label_space.class_mask(name) for name in self.datasets}
+        self._set_spaces(
+            modalities if modalities is not None else modality_classes(infos),
+            labels if labels is not None else label_space(infos),
+            patch,
+            augment,
+        )
         label_dtype = torch.uint8 if len(self.label_space.keys) <= 256 else torch.int32
         images, label_maps, meta, problems = [], [], [], []
         for case in cases:
@@ -809,6 +814,32 @@ class SliceDataset(Dataset):
         self.labels = torch.cat(label_maps) if label_maps else torch.zeros(0, patch, patch, dtype=label_dtype)
         self.sample_dataset = torch.tensor([m[0] for m in meta], dtype=torch.int64)
         self.sample_modality = torch.tensor([m[1] for m in meta], dtype=torch.int64)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        modalities: Sequence[ModalityClass],
+        labels: LabelSpace,
+        patch: int,
+        augment: bool = False,
+    ) -> SliceDataset:
+        """Slices already at patch size (``images``, ``labels``, ``sample_dataset``, ``sample_modality``, as
+        the attributes of that name): nothing is read, normalised or resized (``prepared.load``)."""
+        dataset = cls.__new__(cls)
+        dataset.infos = {}
+        dataset._set_spaces(modalities, labels, patch, augment)
+        dataset.images, dataset.labels = tensors["images"], tensors["labels"]
+        dataset.sample_dataset, dataset.sample_modality = tensors["sample_dataset"], tensors["sample_modality"]
+        return dataset
+
+    def _set_spaces(self, modalities: Sequence[ModalityClass], labels: LabelSpace, patch: int, augment: bool) -> None:
+        if patch < 16:
+            raise ValueError(f"patch must be at least 16 pixels, got {patch}")
+        self.modalities, self.label_space = list(modalities), labels
+        self.datasets = list(labels.dataset_classes)
+        self.patch, self.augment, self.skipped = patch, augment, 0
+        self._masks = {name: labels.class_mask(name) for name in self.datasets}
 
     def _channels(self, case: CaseLike) -> list[tuple[int, int]]:
         """(channel, modality class index) of every channel of a case."""

@@ -6,15 +6,14 @@ import math
 import pathlib
 from collections.abc import Callable
 
-import nilearn
 import pytest
-import SimpleITK as sitk
 import torch
 
 from VLDUNLib import degradations as deg
 from VLDUNLib.degradations import DEGRADATIONS, Degraded
 
-MNI_T1 = pathlib.Path(nilearn.__file__).parent / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+MNI_T1 = "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+"""Inside the nilearn package; read by the `brain` fixture only, so the GPU checks below need neither package."""
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -36,7 +35,10 @@ def high_frequency_energy(x: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def brain() -> torch.Tensor:
     """Axial slice of the MNI152 T1 template scaled to [0, 1], shape (1, 1, 233, 197)."""
-    volume = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(MNI_T1))).astype("float32"))
+    nilearn = pytest.importorskip("nilearn")
+    sitk = pytest.importorskip("SimpleITK")
+    path = pathlib.Path(nilearn.__file__).parent / MNI_T1
+    volume = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype("float32"))
     axial = volume[volume.shape[0] // 2]
     return ((axial - axial.min()) / (axial.max() - axial.min()))[None, None]
 
