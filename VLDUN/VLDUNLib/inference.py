@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+import warnings
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from .data import content_box, resize_images
 from .intensity import IntensityWindow, denormalize, fit_window, normalize, to_unit_range
 from .network import VLDUN
 from .priors import PriorOutput
+from .ssm import missing_cuda_scan
 from .terminology import display_name
 from .weights import ModelInfo, load_model
 
@@ -128,6 +130,8 @@ class VolumePredictor:
         model: tuple[VLDUN, ModelInfo] | None = None,
     ) -> None:
         self.device = resolve_device(device)
+        if advice := missing_cuda_scan(self.device):
+            warnings.warn(advice, RuntimeWarning, stacklevel=2)
         self.model, self.info = model if model is not None else load_model(weights, "cpu")
         with _cpu_fix_on_out_of_memory("loading the model"):
             self.model.to(self.device).eval()

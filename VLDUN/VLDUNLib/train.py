@@ -46,6 +46,7 @@ from . import prepared
 from .degradations import random_degradation
 from .network import build_model
 from .priors import focal_loss, image_text_loss
+from .ssm import missing_cuda_scan
 from .weights import ModelInfo, load_matching_weights, save_weights
 
 
@@ -188,6 +189,8 @@ class Trainer:
         self.device = torch.device(f"cuda:{self.rank % max(1, torch.cuda.device_count())}" if torch.cuda.is_available() else "cpu")
         if run.threads:
             torch.set_num_threads(run.threads)
+        if self.rank == 0 and (advice := missing_cuda_scan(self.device)):
+            print(advice)
         self.slices = prepared.for_run(run.data, run.patch, run.val_fraction, run.seed)
         self.modalities, self.labels, self.train_set = self.slices.modalities, self.slices.labels, self.slices.train
         torch.manual_seed(run.seed)

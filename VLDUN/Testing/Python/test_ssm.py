@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import sys
+import types
 import math
+from collections.abc import Callable
 from typing import Optional
 
 import pytest
@@ -239,6 +242,34 @@ def test_auto_backend_keeps_cpu_tensors_off_the_cuda_kernel(monkeypatch: pytest.
     inputs = scan_inputs(1, 2, 3, 9)
     assert cuda_scan_available()
     torch.testing.assert_close(selective_scan(**inputs), loop_selective_scan(**inputs))
+
+
+def fake_mamba_ssm(monkeypatch: pytest.MonkeyPatch, kernel: object) -> Callable[..., Tensor]:
+    """Install a stand-in mamba_ssm whose interface module has `kernel` as its `selective_scan_cuda`."""
+    interface = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
+    interface.selective_scan_cuda = kernel  # type: ignore[attr-defined]
+    interface.selective_scan_fn = lambda *args, **kwargs: None  # type: ignore[attr-defined]
+    ops = types.ModuleType("mamba_ssm.ops")
+    ops.selective_scan_interface = interface  # type: ignore[attr-defined]
+    for name, module in (("mamba_ssm", types.ModuleType("mamba_ssm")), ("mamba_ssm.ops", ops),
+                         ("mamba_ssm.ops.selective_scan_interface", interface)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return interface.selective_scan_fn  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_mamba_ssm_without_its_compiled_kernel_is_not_used(monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
+    """mamba-ssm 2.3+ installed plainly imports with selective_scan_cuda None; using it would raise per call."""
+    fn = fake_mamba_ssm(monkeypatch, object() if compiled else None)
+    ssm._cuda_selective_scan.cache_clear()
+    try:
+        assert ssm._cuda_selective_scan() is (fn if compiled else None)
+        advice = ssm.missing_cuda_scan(torch.device("cuda"))
+        assert (advice is None) == compiled
+        assert compiled or ssm.MAMBA_INSTALL in advice
+        assert ssm.missing_cuda_scan(torch.device("cpu")) is None
+    finally:
+        ssm._cuda_selective_scan.cache_clear()
 
 
 @pytest.mark.parametrize("name, shape", [("u", (2, 3)), ("delta", (1, 2, 4)), ("A", (3, 3)), ("B", (1, 4, 5)),
