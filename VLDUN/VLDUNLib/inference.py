@@ -9,11 +9,11 @@ prior detects selects which dataset's classes are reported.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-import warnings
 
 import numpy as np
 import torch

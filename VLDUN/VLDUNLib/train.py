@@ -41,8 +41,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from .config import make_config
 from . import prepared
+from .config import make_config
 from .degradations import random_degradation
 from .network import build_model
 from .priors import focal_loss, image_text_loss
@@ -151,7 +151,8 @@ def degrade_batch(
     """Degrade a batch in small chunks of one imaging type each, so one batch mixes several degradations.
 
     Runs on the batch's device (the training GPU: a 128-slice batch takes 100-180 ms on 2 CPU threads, longer
-    than the H100's whole training step); the draws come from the CPU generator, so a GPU run degrades as a CPU run does (to float rounding).
+    than the H100's whole training step); the draws come from the CPU generator, so a GPU run degrades as a
+    CPU run does, to float rounding.
     """
     degraded = torch.empty_like(clean)
     labels = torch.empty(len(clean), dtype=torch.long)
