@@ -384,7 +384,9 @@ def graph_replay(forward: Callable[[torch.Tensor], object], x: torch.Tensor) -> 
     return replay
 
 
-def graph_figures(forward: Callable[[torch.Tensor], object], sample: torch.Tensor, settings: Settings) -> dict[str, Any]:
+def graph_figures(
+    forward: Callable[[torch.Tensor], object], sample: torch.Tensor, settings: Settings
+) -> dict[str, Any]:
     """Batch-1 bf16 latency replayed from a CUDA graph (the figure a GPU serving one slice at a time can reach)."""
     from .complexity import median_ms
 
@@ -393,7 +395,10 @@ def graph_figures(forward: Callable[[torch.Tensor], object], sample: torch.Tenso
         ms, spread = median_ms(graph_replay(forward, sample), repeats=max(settings.repeats, 10), warmup=settings.warmup)
     except RuntimeError as error:
         return {f"cuda_bf16_graph_error_{size}_b1": str(error).splitlines()[0]}
-    return {f"cuda_bf16_graph_ms_per_slice_{size}_b1": round(ms, 3), f"cuda_bf16_graph_ms_spread_{size}_b1": round(spread, 3)}
+    return {
+        f"cuda_bf16_graph_ms_per_slice_{size}_b1": round(ms, 3),
+        f"cuda_bf16_graph_ms_spread_{size}_b1": round(spread, 3),
+    }
 
 
 def batch_sweep(
