@@ -117,14 +117,12 @@ def _scan_into(out: Tensor, a: Tensor, b: Tensor, h0: Optional[Tensor], reverse:
     a_c, b_c, out_c = (x[:, covered].unflatten(1, (count, size)).unbind(2) for x in (a, b, out))
     steps = range(size - 1, -1, -1) if reverse else range(size)
     end = b_c[steps[0]].clone()
-    if prod is None:
-        prod = a_c[steps[0]].clone()
-        for t in steps[1:]:
-            end = torch.addcmul(b_c[t], a_c[t], end)
+    multiply = prod is None
+    prod = a_c[steps[0]].clone() if multiply else prod
+    for t in steps[1:]:
+        end = torch.addcmul(b_c[t], a_c[t], end)
+        if multiply:
             prod.mul_(a_c[t])
-    else:
-        for t in steps[1:]:
-            end = torch.addcmul(b_c[t], a_c[t], end)
     start = torch.empty_like(end)
     carry = h0 if h0 is not None else b.new_zeros(batch, width)
     starts, ends, prods = start.unbind(1), end.unbind(1), prod.unbind(1)
