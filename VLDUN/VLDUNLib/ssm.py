@@ -6,14 +6,16 @@ Mamba itself is Gu & Dao (2023), "Mamba: Linear-time sequence modeling with sele
 
 ``selective_scan`` has the semantics of ``mamba_ssm``'s ``selective_scan_fn``. It calls the CUDA kernel when
 ``mamba_ssm`` imports and the tensors live on a GPU, and otherwise a pure-PyTorch scan built on
-``linear_scan``: a two-level chunked scan (a loop over ~sqrt(L) positions vectorised over all chunks, a loop
-over the chunk carries, then a second pass that rewrites each chunk from its true initial state) with a custom
-backward that is itself a reversed linear scan. Nothing exponentiates a cumulative sum, so large step sizes
-underflow to zero instead of overflowing. Long sequences are cut into segments that are recomputed in the
-backward pass (gradient checkpointing), so training never keeps more than one segment's (b, l, n, d) state.
-Inference (no autograd) reuses one set of segment buffers and does the elementwise work (softplus, D skip,
-silu gate) per segment in the layers' (b, L, d) token layout: fresh 8 MiB buffers page-fault, and whole-tensor
-elementwise passes are memory-bound, each costing about as much as the arithmetic of the scan itself.
+``_scan_into``: a two-level chunked linear scan (a loop over ~sqrt(L) positions vectorised over all chunks, a
+loop over the chunk carries, then a second pass that rewrites each chunk from its true initial state).
+Nothing exponentiates a cumulative sum, so large step sizes underflow to zero instead of overflowing. Long
+sequences are cut into segments. With autograd each segment is one ``_SelectiveSegment``: it keeps only its
+(b, l, d)-sized inputs and its backward recomputes the states, runs the reversed scan for the state
+gradients and reduces them to every input in a few whole-segment passes, so training never keeps more than
+one segment's (b, l, n, d) state. Inference (no autograd) reuses one set of segment buffers and does the
+elementwise work (softplus, D skip, silu gate) per segment in the layers' (b, L, d) token layout: fresh
+8 MiB buffers page-fault, and whole-tensor elementwise passes are memory-bound, each costing about as much
+as the arithmetic of the scan itself.
 
 Measured by hand before that inference path existed (script not kept) on the development machine: 2-core
 Intel Xeon (lscpu; the project notes describe an AMD EPYC), torch 2.14.1, fp32, ``torch.set_num_threads(1)``
@@ -33,7 +35,11 @@ b=8, d=48,  n=8,  L=16384  forward  497 ms       1.75 s       2.44 s
 In a quieter window with two threads this module took 23 ms, 92 ms and 200 ms for the three cases (the
 project notes list pscan at 86-109 ms forward and 229-262 ms fwd+bwd for the first size on an idle EPYC).
 Chunk length floor(sqrt(L)) and the 2**21-element CPU segment were the fastest of those tried
-(T = sqrt(L) or sqrt(L)/2; segments of 2**19 to 2**23 elements).
+(T = sqrt(L) or sqrt(L)/2; segments of 2**19 to 2**23 elements). The hand-written segment backward then
+replaced checkpointed autograd through the discretization, scan and readout: fwd+bwd with two threads,
+median of 5, old and new code in alternating processes, 375-414 -> 162-186 ms for the first case and
+1.85-2.13 -> 1.30-1.50 s for b=8, d=48, n=8, L=16384; a CPU training step of the shipped `compact` model
+(batch 8 at 128x128) went from 4.9-5.9 to 3.2-3.7 s.
 """
 
 from __future__ import annotations
@@ -45,13 +51,12 @@ from typing import Callable, Literal, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 Backend = Literal["auto", "torch", "cuda"]
 
 _CPU_SEGMENT_ELEMENTS = 1 << 21
 """Largest (b, l, d, n) state the PyTorch scan builds at once on CPU: 8 MiB in fp32 stays cache-resident,
-which measured faster than whole-sequence states even counting the checkpoint recomputation."""
+which measured faster than whole-sequence states even counting the backward's recomputation."""
 
 _GPU_SEGMENT_ELEMENTS = 1 << 26
 """The same bound on GPUs, where bigger segments mean fewer kernel launches (256 MiB per fp32 state)."""
@@ -137,58 +142,6 @@ def _scan_into(out: Tensor, a: Tensor, b: Tensor, h0: Optional[Tensor], reverse:
         carry = torch.addcmul(b[:, t], a[:, t], carry, out=out[:, t])
 
 
-class _LinearScan(torch.autograd.Function):
-    """h_t = a_t h_{t-1} + b_t over dim 1 of (P, L, N) tensors, with a reversed-scan backward.
-
-    Backward: g_t = dL/dh_t + a_{t+1} g_{t+1}; dL/db_t = g_t; dL/da_t = g_t h_{t-1}; dL/dh0 = a_0 g_0.
-    Only a, h and h0 are saved; b is not needed.
-    """
-
-    @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, h0: Optional[Tensor]) -> Tensor:
-        h = torch.empty_like(b)
-        _scan_into(h, a, b, h0, reverse=False)
-        ctx.save_for_backward(a, h, h0)
-        return h
-
-    @staticmethod
-    def backward(ctx, grad_h: Tensor) -> tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
-        a, h, h0 = ctx.saved_tensors
-        grad_h = grad_h.contiguous()
-        g = torch.empty_like(grad_h)
-        g[:, -1] = grad_h[:, -1]
-        if g.shape[1] > 1:
-            _scan_into(g[:, :-1], a[:, 1:], grad_h[:, :-1], g[:, -1], reverse=True)
-        grad_a = None
-        if ctx.needs_input_grad[0]:
-            grad_a = torch.empty_like(a)
-            torch.mul(g[:, 1:], h[:, :-1], out=grad_a[:, 1:])
-            grad_a[:, 0] = g[:, 0] * h0 if h0 is not None else 0.0
-        grad_h0 = g[:, 0] * a[:, 0] if h0 is not None and ctx.needs_input_grad[2] else None
-        return grad_a, g, grad_h0
-
-
-def linear_scan(a: Tensor, b: Tensor, h0: Optional[Tensor] = None) -> Tensor:
-    """First-order linear recurrence h_t = a_t * h_{t-1} + b_t along dim -2 (h_{-1} = h0, or 0).
-
-    a, b: (..., L, N) of one floating dtype; h0: (..., N). Returns h with b's shape. Runs in O(sqrt(L))
-    Python steps with a custom backward, so it is usable for L in the tens of thousands.
-    """
-    if a.shape != b.shape or a.dim() < 2:
-        raise ValueError(f"linear_scan needs a and b of one shape (..., L, N); got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}: broadcast them explicitly first")
-    if h0 is not None and h0.shape != b.shape[:-2] + b.shape[-1:]:
-        raise ValueError(f"linear_scan needs h0 of shape {tuple(b.shape[:-2] + b.shape[-1:])} (b without its "
-                         f"L axis); got {tuple(h0.shape)}")
-    if b.shape[-2] == 0:
-        raise ValueError("linear_scan needs at least one step (L >= 1); got an empty L axis")
-    length, width = b.shape[-2:]
-    flat_h0 = h0.reshape(-1, width).contiguous() if h0 is not None else None
-    h = _LinearScan.apply(a.reshape(-1, length, width).contiguous(), b.reshape(-1, length, width).contiguous(),
-                          flat_h0)
-    return h.view(b.shape)
-
-
 def discretize(delta: Tensor, A: Tensor, B: Tensor, u: Tensor,
                out: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
     """Discretized SSM coefficients, Eq. (4) of Gu & Dao (2023) as Mamba implements it.
@@ -215,18 +168,6 @@ def readout(h: Tensor, C: Tensor, out: Optional[Tensor] = None) -> Tensor:
     return y
 
 
-def _ssm_segment(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, u: Tensor,
-                 h0: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Recurrence h_t = A_bar h_{t-1} + B_bar u_t, y_t = C_t h_t, Eq. (2a)-(2b) of Gu & Dao (2023).
-
-    (b, l, d) layout with the state flattened to n*d, so each scan step is one contiguous slab per batch
-    item. Returns y (b, l, d) and the last state (b, n*d) to chain segments.
-    """
-    a_bar, bu_bar = discretize(delta, A, B, u)
-    h = linear_scan(a_bar.flatten(2), bu_bar.flatten(2), h0)
-    return readout(h.unflatten(2, a_bar.shape[2:]), C), h[:, -1].clone()
-
-
 def _chunk_decay(delta: Tensor, A: Tensor) -> Tensor:
     """Each scan chunk's product of A_bar = exp(delta A) in closed form, exp(A * sum of its deltas): (b, chunks, n*d).
 
@@ -236,6 +177,68 @@ def _chunk_decay(delta: Tensor, A: Tensor) -> Tensor:
     size = _chunk_length(length)
     sums = delta[:, : length // size * size].unflatten(1, (length // size, size)).sum(2)
     return torch.mul(sums.unsqueeze(2), A.t()).exp_().flatten(2)
+
+
+def _states(delta: Tensor, A: Tensor, B: Tensor, u: Tensor, h0: Optional[Tensor],
+            out: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """A_bar, B_bar u and the states h of Eq. (2a), all (b, l, n, d), in ``out`` or in fresh tensors.
+
+    The buffers are allocated, never left to the product of the strided token views: that would keep their
+    strides, and the scan would then write into a flattened copy instead of h.
+    """
+    shape = (*u.shape[:2], A.shape[1], u.shape[2])
+    a_bar, bu_bar, h = out if out is not None else (u.new_empty(shape, dtype=A.dtype) for _ in range(3))
+    discretize(delta, A, B, u, out=(a_bar, bu_bar))
+    _scan_into(h.flatten(2), a_bar.flatten(2), bu_bar.flatten(2), h0, False, _chunk_decay(delta, A))
+    return a_bar, bu_bar, h
+
+
+def _reduce_d(x: Tensor, v: Tensor, work: Tensor) -> Tensor:
+    """sum_d x[b, l, n, d] v[b, l, d] -> (b, l, n), through ``work`` (x's shape) as scratch."""
+    return torch.mul(x, v.unsqueeze(2), out=work).sum(-1)
+
+
+class _SelectiveSegment(torch.autograd.Function):
+    """One segment of the selective scan, Eq. (2a)-(2b) and (4) of Gu & Dao (2023), with a hand-written backward.
+
+    Saves only its (b, l, d)-sized inputs and recomputes the states in the backward pass, as checkpointing
+    did, but then takes every gradient in a few whole-segment passes. Autograd through the n readout
+    slices had zero-filled and summed a full (b, l, n, d) gradient per slice, over half of a CPU training step.
+    Backward: G = dL/dh, from y (C G) and the next state (reversed scan: G_t += A_bar_{t+1} G_{t+1});
+    dB_bar u = G; dA_bar_t = G_t h_{t-1}; through A_bar = exp(delta A) and B_bar u = delta B u to the inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, u: Tensor,
+                h0: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        _, _, h = _states(delta, A, B, u, h0)
+        ctx.save_for_backward(delta, A, B, C, u, h0)
+        return readout(h, C), h[:, -1].flatten(1).clone()
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, grad_last: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        delta, A, B, C, u, h0 = ctx.saved_tensors
+        a_bar, g, h = _states(delta, A, B, u, h0)
+        grad_y = grad_y.contiguous()
+        torch.mul(C.unsqueeze(-1), grad_y.unsqueeze(2), out=g)
+        if grad_last is not None:
+            g[:, -1] += grad_last.view_as(g[:, -1])
+        flat_g, flat_a = g.flatten(2), a_bar.flatten(2)
+        if g.shape[1] > 1:
+            _scan_into(flat_g[:, :-1], flat_a[:, 1:], flat_g[:, :-1], flat_g[:, -1], True)
+        grad_h0 = (flat_g[:, 0] * flat_a[:, 0]) if h0 is not None else None
+        ga = a_bar.mul_(g)
+        ga[:, 1:].mul_(h[:, :-1])
+        if h0 is not None:
+            ga[:, 0].mul_(h0.view_as(ga[:, 0]))
+        else:
+            ga[:, 0].zero_()
+        grad_C = _reduce_d(h, grad_y, h)
+        grad_bu = readout(g, B)
+        grad_B = _reduce_d(g, delta * u, h)
+        grad_A = torch.mul(ga, delta.unsqueeze(2), out=h).sum((0, 1)).t()
+        grad_delta = torch.mul(ga, A.t(), out=h).sum(2).addcmul_(grad_bu, u)
+        return grad_delta, grad_A, grad_B, grad_C, grad_bu * delta, grad_h0
 
 
 class _Workspace:
@@ -253,11 +256,9 @@ class _Workspace:
 
     def segment(self, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, u: Tensor, h0: Optional[Tensor],
                 part: slice) -> tuple[Tensor, Tensor]:
-        """_ssm_segment without autograd, in the buffers; y lands in positions ``part`` of the output."""
+        """_SelectiveSegment's forward without autograd, in the buffers; y lands in positions ``part`` of the output."""
         length = u.shape[1]
-        a_bar, bu_bar = discretize(delta, A, B, u, out=(self.a[:, :length], self.b[:, :length]))
-        h = self.h[:, :length]
-        _scan_into(h.flatten(2), a_bar.flatten(2), bu_bar.flatten(2), h0, False, _chunk_decay(delta, A))
+        _, _, h = _states(delta, A, B, u, h0, (self.a[:, :length], self.b[:, :length], self.h[:, :length]))
         return readout(h, C, out=self.y[:, part]), h[:, -1].flatten(1).clone()
 
 
@@ -280,8 +281,8 @@ def _scan_tokens_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
     Runs segment by segment (see _segment_length), and does everything elementwise (softplus of delta, the
     D skip, the silu(z) gate) on the segment while it is in cache: on whole (b, L, d) tensors each of those
-    was a trip to memory, together as costly as the scan. Segments are checkpointed when gradients are
-    recorded and computed in reused buffers when not. Math in fp32 (fp64 for fp64 inputs) whatever the
+    was a trip to memory, together as costly as the scan. Segments are _SelectiveSegment calls when
+    gradients are recorded and computed in reused buffers when not. Math in fp32 (fp64 for fp64 inputs) whatever the
     input dtype or autocast.
     """
     work = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -297,10 +298,8 @@ def _scan_tokens_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                     C[:, part].to(work), u_part, state)
             if workspace is not None:
                 y, state = workspace.segment(*args, part)
-            elif u.shape[1] > step:
-                y, state = checkpoint(_ssm_segment, *args, use_reentrant=False)
             else:
-                y, state = _ssm_segment(*args)
+                y, state = _SelectiveSegment.apply(*args)
             if D is not None:
                 y = y.addcmul_(u_part, D.to(work))
             if z is not None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from VLDUNLib import ssm
-from VLDUNLib.ssm import BiMamba2D, MambaBlock, cuda_scan_available, linear_scan, selective_scan
+from VLDUNLib.ssm import BiMamba2D, MambaBlock, cuda_scan_available, selective_scan
 
 def loop_linear_scan(a: Tensor, b: Tensor, h0: Optional[Tensor] = None) -> Tensor:
     """h_t = a_t h_{t-1} + b_t, one Python step per position."""
@@ -73,39 +73,53 @@ def assert_close_scaled(actual: Tensor, expected: Tensor, tol: float = 1e-5) -> 
 
 
 # L = 1, 2, 37, 100, 257: chunks of floor(sqrt(L)) positions, with and without a sequential tail.
-@pytest.mark.parametrize("shape", [(2, 3, 1, 4), (1, 1, 2, 1), (3, 5, 37, 2), (2, 4, 100, 6), (1, 2, 257, 3)])
+def loop_linear_scan_reversed(a: Tensor, b: Tensor, h0: Optional[Tensor] = None) -> Tensor:
+    """h_t = a_t h_{t+1} + b_t from the last position down, the recurrence of the scan's gradients."""
+    return loop_linear_scan(a.flip(1), b.flip(1), h0).flip(1)
+
+
+# L = 1, 2, 37, 100, 257: chunks of floor(sqrt(L)) positions, with and without a sequential tail.
+@pytest.mark.parametrize("shape", [(2, 1, 4), (1, 2, 1), (3, 37, 2), (2, 100, 6), (1, 257, 3)])
 @pytest.mark.parametrize("with_h0", [False, True])
-def test_linear_scan_matches_loop(shape: tuple[int, ...], with_h0: bool) -> None:
+@pytest.mark.parametrize("reverse", [False, True])
+def test_chunked_scan_matches_loop(shape: tuple[int, int, int], with_h0: bool, reverse: bool) -> None:
     gen = torch.Generator().manual_seed(1)
-    a = torch.rand(*shape, generator=gen).requires_grad_()
-    b = torch.randn(*shape, generator=gen).requires_grad_()
-    h0 = torch.randn(*shape[:-2], shape[-1], generator=gen).requires_grad_() if with_h0 else None
-    inputs = [x for x in (a, b, h0) if x is not None]
-    fast, slow = linear_scan(a, b, h0), loop_linear_scan(a, b, h0)
-    assert_close_scaled(fast, slow)
-    grad_out = torch.randn(shape, generator=gen)
-    for g_fast, g_slow in zip(torch.autograd.grad(fast, inputs, grad_out), torch.autograd.grad(slow, inputs, grad_out)):
-        assert_close_scaled(g_fast, g_slow)
-
-
-def test_linear_scan_gradcheck() -> None:
-    gen = torch.Generator().manual_seed(2)
-    a = torch.rand(2, 11, 3, generator=gen, dtype=torch.float64).requires_grad_()
-    b = torch.randn(2, 11, 3, generator=gen, dtype=torch.float64).requires_grad_()
-    h0 = torch.randn(2, 3, generator=gen, dtype=torch.float64).requires_grad_()
-    assert torch.autograd.gradcheck(linear_scan, (a, b, h0))
-
-
-def test_linear_scan_leaves_inputs_unchanged() -> None:
-    a, b = torch.rand(2, 30, 4), torch.randn(2, 30, 4)
+    a, b = torch.rand(*shape, generator=gen), torch.randn(*shape, generator=gen)
+    h0 = torch.randn(shape[0], shape[2], generator=gen) if with_h0 else None
     a0, b0 = a.clone(), b.clone()
-    linear_scan(a, b)
+    out = torch.full_like(b, float("nan"))
+    ssm._scan_into(out, a, b, h0, reverse)
+    assert_close_scaled(out, (loop_linear_scan_reversed if reverse else loop_linear_scan)(a, b, h0))
     assert torch.equal(a, a0) and torch.equal(b, b0)
 
 
-def test_linear_scan_rejects_mismatched_shapes() -> None:
-    with pytest.raises(ValueError, match="one shape"):
-        linear_scan(torch.rand(2, 5, 3), torch.rand(2, 5, 4))
+def test_chunked_scan_in_place_and_with_chunk_decay() -> None:
+    """The backward scans its gradient in place (out is b); inference passes each chunk's decay in closed form."""
+    gen = torch.Generator().manual_seed(3)
+    a, b, h0 = torch.rand(2, 50, 3, generator=gen), torch.randn(2, 50, 3, generator=gen), torch.randn(2, 3, generator=gen)
+    expected = loop_linear_scan_reversed(a, b, h0)
+    in_place = b.clone()
+    ssm._scan_into(in_place, a, in_place, h0, True)
+    assert_close_scaled(in_place, expected)
+    size = ssm._chunk_length(50)
+    prod = a[:, : 50 // size * size].unflatten(1, (50 // size, size)).prod(2)
+    decayed = torch.empty_like(b)
+    ssm._scan_into(decayed, a, b, h0, False, prod)
+    assert_close_scaled(decayed, loop_linear_scan(a, b, h0))
+
+
+def test_segment_backward_gradcheck_float64() -> None:
+    """The hand-written backward against finite differences, with an initial state and both outputs used."""
+    gen = torch.Generator().manual_seed(4)
+    b, length, d, n = 2, 11, 3, 4
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    delta = (torch.rand(b, length, d, generator=gen, dtype=torch.float64) * 0.5).requires_grad_()
+    A = (-torch.rand(d, n, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+    inputs = (delta, A, rand(b, length, n), rand(b, length, n), rand(b, length, d), rand(b, n * d))
+    assert torch.autograd.gradcheck(ssm._SelectiveSegment.apply, inputs)
 
 
 def check_against_loop(inputs: dict[str, Tensor], softplus: bool) -> None:
@@ -133,7 +147,7 @@ def test_selective_scan_matches_loop(shape: tuple[int, int, int, int], options: 
 
 
 @pytest.mark.parametrize("segment_positions", [1, 7, 64])
-def test_segmented_checkpointed_scan_matches_loop(monkeypatch: pytest.MonkeyPatch, segment_positions: int) -> None:
+def test_segmented_scan_matches_loop(monkeypatch: pytest.MonkeyPatch, segment_positions: int) -> None:
     b, d, n, length = 2, 3, 4, 150
     monkeypatch.setattr(ssm, "_CPU_SEGMENT_ELEMENTS", segment_positions * b * d * n)
     assert ssm._segment_length(b, torch.zeros(d, n)) == segment_positions
