@@ -222,7 +222,7 @@ class _SelectiveSegment(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         torch.mul(C.unsqueeze(-1), grad_y.unsqueeze(2), out=g)
         if grad_last is not None:
-            g[:, -1] += grad_last.view_as(g[:, -1])
+            g[:, -1] += grad_last.reshape_as(g[:, -1])
         flat_g, flat_a = g.flatten(2), a_bar.flatten(2)
         if g.shape[1] > 1:
             _scan_into(flat_g[:, :-1], flat_a[:, 1:], flat_g[:, :-1], flat_g[:, -1], True)
@@ -230,7 +230,7 @@ class _SelectiveSegment(torch.autograd.Function):
         ga = a_bar.mul_(g)
         ga[:, 1:].mul_(h[:, :-1])
         if h0 is not None:
-            ga[:, 0].mul_(h0.view_as(ga[:, 0]))
+            ga[:, 0].mul_(h0.reshape_as(ga[:, 0]))
         else:
             ga[:, 0].zero_()
         grad_C = _reduce_d(h, grad_y, h)
