@@ -282,8 +282,8 @@ def _scan_tokens_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     Runs segment by segment (see _segment_length), and does everything elementwise (softplus of delta, the
     D skip, the silu(z) gate) on the segment while it is in cache: on whole (b, L, d) tensors each of those
     was a trip to memory, together as costly as the scan. Segments are _SelectiveSegment calls when
-    gradients are recorded and computed in reused buffers when not. Math in fp32 (fp64 for fp64 inputs) whatever the
-    input dtype or autocast.
+    gradients are recorded and computed in reused buffers when not. Math in fp32 (fp64 for fp64 inputs)
+    whatever the input dtype or autocast.
     """
     work = torch.float64 if u.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=u.device.type, enabled=False):

@@ -72,7 +72,6 @@ def assert_close_scaled(actual: Tensor, expected: Tensor, tol: float = 1e-5) -> 
     assert err <= bound, f"max error {err:.3g} > {bound:.3g}"
 
 
-# L = 1, 2, 37, 100, 257: chunks of floor(sqrt(L)) positions, with and without a sequential tail.
 def loop_linear_scan_reversed(a: Tensor, b: Tensor, h0: Optional[Tensor] = None) -> Tensor:
     """h_t = a_t h_{t+1} + b_t from the last position down, the recurrence of the scan's gradients."""
     return loop_linear_scan(a.flip(1), b.flip(1), h0).flip(1)
@@ -96,7 +95,8 @@ def test_chunked_scan_matches_loop(shape: tuple[int, int, int], with_h0: bool, r
 def test_chunked_scan_in_place_and_with_chunk_decay() -> None:
     """The backward scans its gradient in place (out is b); inference passes each chunk's decay in closed form."""
     gen = torch.Generator().manual_seed(3)
-    a, b, h0 = torch.rand(2, 50, 3, generator=gen), torch.randn(2, 50, 3, generator=gen), torch.randn(2, 3, generator=gen)
+    a, b = torch.rand(2, 50, 3, generator=gen), torch.randn(2, 50, 3, generator=gen)
+    h0 = torch.randn(2, 3, generator=gen)
     expected = loop_linear_scan_reversed(a, b, h0)
     in_place = b.clone()
     ssm._scan_into(in_place, a, in_place, h0, True)
