@@ -43,7 +43,9 @@ class JointUNet(nn.Module):
     def compute_prior(self, degraded: torch.Tensor) -> None:
         return None
 
-    def forward(self, degraded: torch.Tensor, prior: object = None) -> VLDUNOutput:
+    def forward(
+        self, degraded: torch.Tensor, prior: object = None, *, restore: bool = True, segment: bool = True
+    ) -> VLDUNOutput:
         y, (h, w) = pad_to_multiple(degraded, 2**self.config.levels)
         skips = [self.inc(y)]
         for down in self.down:
@@ -51,8 +53,8 @@ class JointUNet(nn.Module):
         x = skips.pop()
         for level in reversed(range(self.config.levels)):
             x = self.dec[level](torch.cat([self.up[level](x), skips[level]], 1))
-        restored = (y + self.rec_head(x))[..., :h, :w] if self.rec_head is not None else None
-        seg = self.seg_head(x)[..., :h, :w] if self.seg_head is not None else None
+        restored = (y + self.rec_head(x))[..., :h, :w] if self.rec_head is not None and restore else None
+        seg = self.seg_head(x)[..., :h, :w] if self.seg_head is not None and segment else None
         return VLDUNOutput(restored, seg, None)
 
     def unfolding_parameters(self) -> int:

@@ -134,11 +134,11 @@ class Evaluator:
         for start in range(0, len(clean), 16):
             part = degraded[start : start + 16].to(device)
             part_prior = prior.expand(len(part)) if prior is not None else None
-            out = self.model(part, part_prior)
-            if out.restored is not None:
-                restored.append(out.restored.clamp(0, 1).cpu())
-            if out.seg_logits is not None:
-                logits.append(self.predictor.segmentation_logits(part, part_prior, out.seg_logits).cpu())
+            part_restored, part_logits = self.predictor.forward_slices(part, part_prior)
+            if part_restored is not None:
+                restored.append(part_restored.clamp(0, 1).cpu())
+            if part_logits is not None:
+                logits.append(part_logits.cpu())
         result: dict[str, Any] = {"detection": detection}
         nonempty = [i for i in range(len(clean)) if clean[i].max() > 0]
         result["input"] = slice_metrics(degraded, clean, nonempty)

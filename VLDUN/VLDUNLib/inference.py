@@ -141,23 +141,30 @@ class VolumePredictor:
         tensor = torch.from_numpy(to_unit_range(normalize(batch, window)))
         return tensor[:, None].to(self.device)
 
-    def segmentation_logits(
-        self, batch: torch.Tensor, prior: PriorOutput | None, native: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        """Segmentation logits from slices scaled as in training, brought back to the slices' own size.
+    def forward_slices(
+        self, batch: torch.Tensor, prior: PriorOutput | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Restored slices at their own size, and segmentation logits computed at the training scale.
 
         The model learned anatomy at `info.train_size` pixels per longer side, centred on a black square
         (`data.resize_slices`): on a 512-pixel slice a heart is four times larger than any it saw.
-        Restoration stays at native resolution (it must keep every pixel); this second pass costs a
-        quarter of the first for 256-pixel slices and less above.
+        Restoration stays at native resolution (it must keep every pixel); the second, segmentation pass
+        costs a quarter of the first for 256-pixel slices and less above. Each pass skips the head whose
+        output the other one gives.
         """
-        size = self.info.train_size
+        config, size = self.model.config, self.info.train_size
         height, width = batch.shape[-2:]
-        if native is None or size is None or max(height, width) == size:
-            return native
+        rescale = config.seg_head and size is not None and max(height, width) != size
+        restored = logits = None
+        if config.rec_head or not rescale:
+            out = self.model(batch, prior, segment=not rescale)
+            restored, logits = out.restored, out.seg_logits
+        if not rescale:
+            return restored, logits
         top, left, rows, cols = content_box(height, width, size)
-        logits = self.model(resize_images(batch, size), prior).seg_logits[..., top : top + rows, left : left + cols]
-        return F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+        logits = self.model(resize_images(batch, size), prior, restore=False).seg_logits
+        logits = logits[..., top : top + rows, left : left + cols]
+        return restored, F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
 
     @torch.no_grad()
     def volume_prior(self, volume: np.ndarray, window: IntensityWindow, degradation_override: str | None) -> PriorOutput | None:
@@ -224,8 +231,7 @@ class VolumePredictor:
             try:
                 batch = self._slices(volume, window, range(start, stop))
                 batch_prior = prior.expand(stop - start) if prior else None
-                out = self.model(batch, batch_prior)
-                seg_logits = self.segmentation_logits(batch, batch_prior, out.seg_logits)
+                restored_batch, seg_logits = self.forward_slices(batch, batch_prior)
             except torch.cuda.OutOfMemoryError as error:
                 if batch_size == 1:
                     raise DeviceOutOfMemory("even one slice at a time") from error
@@ -233,8 +239,8 @@ class VolumePredictor:
                     torch.cuda.empty_cache()
                 batch_size = max(1, batch_size // 2)
                 continue
-            if out.restored is not None:
-                restored[start:stop] = denormalize(out.restored[:, 0].float().cpu().numpy(), window)
+            if restored_batch is not None:
+                restored[start:stop] = denormalize(restored_batch[:, 0].float().cpu().numpy(), window)
             else:
                 restored[start:stop] = volume[start:stop]
             if seg_logits is not None:

@@ -132,11 +132,14 @@ class VLDUN(nn.Module):
         """The dual prior of a batch of degraded slices in [0, 1]; None in the "w/o CLIP" ablation."""
         return self.prior(degraded) if self.prior is not None else None
 
-    def forward(self, degraded: torch.Tensor, prior: PriorOutput | None = None) -> VLDUNOutput:
+    def forward(
+        self, degraded: torch.Tensor, prior: PriorOutput | None = None, *, restore: bool = True, segment: bool = True
+    ) -> VLDUNOutput:
         """Restore and segment degraded slices (B, C, H, W) in [0, 1].
 
         `prior` lets a caller compute the prior once per volume (`PriorOutput.pooled().expand(B)`); when it
-        is None it is computed from this batch.
+        is None it is computed from this batch. `restore`/`segment` False skip a head whose output the caller
+        would discard (inference segments at the training scale in a pass of its own).
         """
         if degraded.ndim != 4 or degraded.shape[1] != self.config.in_channels:
             raise ValueError(
@@ -148,9 +151,9 @@ class VLDUN(nn.Module):
         y, (h, w) = pad_to_multiple(degraded, self.config.size_multiple)
         x = self.decode(self.encode(y, tokens), tokens)
         restored = seg = None
-        if self.rec_head is not None:
+        if self.rec_head is not None and restore:
             restored = self.rec_head(x, y)[..., :h, :w]
-        if self.seg_head is not None:
+        if self.seg_head is not None and segment:
             seg = self.seg_head(x)[..., :h, :w]
         return VLDUNOutput(restored, seg, prior)
 

@@ -46,11 +46,11 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_result(volume, monkey
     forward = type(predictor.model).forward
     sizes = []
 
-    def limited(self, degraded, prior=None):
+    def limited(self, degraded, prior=None, **heads):
         sizes.append(len(degraded))
         if len(degraded) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return forward(self, degraded, prior)
+        return forward(self, degraded, prior, **heads)
 
     monkeypatch.setattr(type(predictor.model), "forward", limited)
     result = predictor.predict(volume, batch_size=8)
@@ -61,7 +61,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_result(volume, monkey
 def test_out_of_memory_at_batch_one_names_the_cpu_fix(volume, monkeypatch):
     predictor = tiny_predictor()
 
-    def always(self, degraded, prior=None):
+    def always(self, degraded, prior=None, **heads):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(type(predictor.model), "forward", always)
@@ -170,6 +170,41 @@ def test_training_scale_labels_follow_the_small_pass(volume):
     predictor.model.register_forward_hook(right_half_is_lv)
     labels = predictor.predict(volume).labels
     assert (labels[:, :, 12:] == 3).all() and (labels[:, :, :8] == 0).all()
+
+
+@pytest.mark.parametrize("architecture", ["vldun", "unet"])
+def test_a_skipped_head_leaves_the_other_output_unchanged(architecture):
+    model = tiny_predictor(architecture=architecture).model
+    x = torch.rand(2, 1, 24, 20, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(x)
+        restored_only, seg_only = model(x, full.prior, segment=False), model(x, full.prior, restore=False)
+    assert restored_only.seg_logits is None and seg_only.restored is None
+    assert torch.equal(restored_only.restored, full.restored) and torch.equal(seg_only.seg_logits, full.seg_logits)
+
+
+@pytest.mark.parametrize(("ablation", "calls"), [("full", [(20, {"segment": False}), (12, {"restore": False})]),
+                                                 ("no_rec_head", [(12, {"restore": False})])])
+def test_each_pass_computes_only_the_head_it_keeps(ablation, calls):
+    """Same outputs as two full passes (native restoration, training-scale segmentation), fewer heads run."""
+    from VLDUNLib.data import content_box, resize_images
+
+    predictor = tiny_predictor(ablation=ablation)
+    predictor.info.train_size = 12
+    model = predictor.model
+    batch = torch.rand(3, 1, 24, 20, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        prior = model.compute_prior(batch).pooled().expand(3)
+        top, left, rows, cols = content_box(24, 20, 12)
+        small = model(resize_images(batch, 12), prior).seg_logits[..., top : top + rows, left : left + cols]
+        expected_logits = torch.nn.functional.interpolate(small, size=(24, 20), mode="bilinear", align_corners=False)
+        expected_restored = model(batch, prior).restored
+        seen = []
+        model.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args[0].shape[-1], kwargs)), with_kwargs=True)
+        restored, logits = predictor.forward_slices(batch, prior)
+    assert seen == calls
+    assert torch.equal(logits, expected_logits)
+    assert (restored is None) if ablation == "no_rec_head" else torch.equal(restored, expected_restored)
 
 
 def test_large_slices_are_batched_by_pixels(monkeypatch):
