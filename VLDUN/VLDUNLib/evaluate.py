@@ -127,9 +127,8 @@ class Evaluator:
         degraded = degrade_protocol(clean, dataset.imaging, self.protocol, seed)
         device = self.predictor.device
         rep = prior_slice_indices(len(clean))
-        prior = self.model.compute_prior(degraded[rep].to(device))
-        prior = prior.pooled() if prior is not None else None
-        detection = self.predictor.detection(prior)
+        prior = self.predictor.scan_prior(degraded[rep].to(device))
+        detection = self.predictor.detection(prior.native if prior else None)
         restored, logits = [], []
         for start in range(0, len(clean), 16):
             part = degraded[start : start + 16].to(device)
@@ -162,10 +161,10 @@ class Evaluator:
         hits = []
         device = self.predictor.device
         for label, degraded in primitive_trials(clean, imaging, self.protocol, seed):
-            prior = self.model.compute_prior(degraded.to(device))
+            prior = self.predictor.slice_prior(degraded.to(device))
             if prior is None:
                 return []
-            hits.append(int(prior.pooled().degradation_probs.argmax()) == label)
+            hits.append(int(prior.degradation_probs.argmax()) == label)
         return hits
 
     def evaluate(self, dataset: DatasetInfo, max_cases: int | None, montage_dir: Path | None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ prior detects selects which dataset's classes are reported.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,9 @@ from .weights import ModelInfo, load_model
 
 PRIOR_SLICES = 5
 """Slices the prior looks at per volume (evenly spaced over the central 60 %)."""
+
+PRIOR_TILES_PER_AXIS = 4
+"""At most 4 x 4 tiles of a slice for the prior: 16 of 128 pixels cover a 512-pixel slice."""
 
 MAX_BATCH_PIXELS = 8 * 256 * 256
 """Most pixels in one batch: the batch size shrinks for large slices (2 at 512², 1 at 1024²), so the
@@ -95,6 +99,19 @@ class Prediction:
     detection: Detection
 
 
+@dataclass
+class ScanPrior:
+    """The prior of one scan, computed once from a few slices, at the geometry each pass of the network reads."""
+
+    native: PriorOutput
+    """Pooled over `prior_tiles`: conditions restoration at the scan's own resolution, and is the detection shown."""
+    scaled: PriorOutput
+    """Of the slices letterboxed to the training size: the segmentation pass reads those, as in training."""
+
+    def expand(self, batch: int) -> ScanPrior:
+        return ScanPrior(self.native.expand(batch), self.scaled.expand(batch))
+
+
 def resolve_device(device: str) -> torch.device:
     """"auto" picks CUDA, then Apple MPS, then the CPU."""
     if device == "auto":
@@ -120,6 +137,32 @@ def prior_slice_indices(num_slices: int, count: int = PRIOR_SLICES) -> list[int]
     return sorted({int(round(v)) for v in np.linspace(lo, hi, count)})
 
 
+def tile_starts(length: int, tile: int) -> list[int]:
+    """Offsets of at most `PRIOR_TILES_PER_AXIS` tiles spread evenly from edge to edge (overlapping where they must)."""
+    if length <= tile:
+        return [0]
+    count = min(PRIOR_TILES_PER_AXIS, math.ceil(length / tile))
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def prior_tiles(slices: torch.Tensor, size: int) -> torch.Tensor:
+    """Slices (B, 1, H, W) -> what the prior reads: size x size tiles at the scan's own pixel scale.
+
+    The prior learned degradations on slices of `size` pixels (`info.train_size`), degraded at that
+    size: noise per pixel, blur and ghosting widths in pixels. A 256-pixel scan squeezed into the prior's
+    input halves those widths and averages the noise away; tiles of `size` of its own pixels keep them.
+    Held out at the scans' own size, degradation accuracy rose from 0.51 / 0.60 / 0.30 / 0.60 (whole slices)
+    to 0.875 / 0.90 / 0.54 / 0.80 (ACDC / BraTS / COVID-19 / abdomen; 0.87 / 1.0 / 0.58 / 1.0 at 128 px).
+    Slices no larger than `size` are letterboxed as in training (`data.resize_images`).
+    """
+    height, width = slices.shape[-2:]
+    if height <= size and width <= size:
+        return resize_images(slices, size)
+    tiles = [slices[..., top : top + size, left : left + size]
+             for top in tile_starts(height, size) for left in tile_starts(width, size)]
+    return torch.cat([resize_images(tile, size) for tile in tiles])
+
+
 class VolumePredictor:
     """A loaded model that turns a degraded volume into a restored volume, labels and a detection."""
 
@@ -141,8 +184,13 @@ class VolumePredictor:
         tensor = torch.from_numpy(to_unit_range(normalize(batch, window)))
         return tensor[:, None].to(self.device)
 
+    def rescales(self, height: int, width: int) -> bool:
+        """Whether slices of this size are segmented in a second pass at the training scale."""
+        size = self.info.train_size
+        return self.model.config.seg_head and size is not None and max(height, width) != size
+
     def forward_slices(
-        self, batch: torch.Tensor, prior: PriorOutput | None
+        self, batch: torch.Tensor, prior: ScanPrior | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Restored slices at their own size, and segmentation logits computed at the training scale.
 
@@ -154,29 +202,48 @@ class VolumePredictor:
         """
         config, size = self.model.config, self.info.train_size
         height, width = batch.shape[-2:]
-        rescale = config.seg_head and size is not None and max(height, width) != size
+        rescale = self.rescales(height, width)
         restored = logits = None
         if config.rec_head or not rescale:
-            out = self.model(batch, prior, segment=not rescale)
+            out = self.model(batch, prior.native if prior else None, segment=not rescale)
             restored, logits = out.restored, out.seg_logits
         if not rescale:
             return restored, logits
         top, left, rows, cols = content_box(height, width, size)
-        logits = self.model(resize_images(batch, size), prior, restore=False).seg_logits
+        logits = self.model(resize_images(batch, size), prior.scaled if prior else None, restore=False).seg_logits
         logits = logits[..., top : top + rows, left : left + cols]
         return restored, F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
 
     @torch.no_grad()
-    def volume_prior(self, volume: np.ndarray, window: IntensityWindow, degradation_override: str | None) -> PriorOutput | None:
+    def slice_prior(self, slices: torch.Tensor) -> PriorOutput | None:
+        """The detection prior of a scan from a few of its degraded slices (B, 1, H, W), pooled over `prior_tiles`."""
         if self.model.prior is None:
             return None
-        prior = self.model.compute_prior(self._slices(volume, window, prior_slice_indices(len(volume)))).pooled()
-        if degradation_override:
-            names = self.model.config.degradations
-            if degradation_override not in names:
-                raise ValueError(f"Unknown degradation {degradation_override!r}; choose one of {list(names)}.")
-            prior = self.model.prior.with_degradation(prior, names.index(degradation_override))
-        return prior
+        size = self.info.train_size
+        return self.model.compute_prior(prior_tiles(slices, size) if size else slices).pooled()
+
+    @torch.no_grad()
+    def scan_prior(self, slices: torch.Tensor) -> ScanPrior | None:
+        """Both priors of a scan. Each pass is conditioned on the prior of the image it reads: fed the tiles'
+        prior, the training-scale segmentation pass lost 0.11 mean Dice on COVID-19 (held out, own size)."""
+        native = self.slice_prior(slices)
+        if native is None:
+            return None
+        size = self.info.train_size
+        if not self.rescales(*slices.shape[-2:]) or max(slices.shape[-2:]) <= size:
+            return ScanPrior(native, native)
+        return ScanPrior(native, self.model.compute_prior(resize_images(slices, size)).pooled())
+
+    @torch.no_grad()
+    def volume_prior(self, volume: np.ndarray, window: IntensityWindow, degradation_override: str | None) -> ScanPrior | None:
+        prior = self.scan_prior(self._slices(volume, window, prior_slice_indices(len(volume))))
+        if prior is None or not degradation_override:
+            return prior
+        names = self.model.config.degradations
+        if degradation_override not in names:
+            raise ValueError(f"Unknown degradation {degradation_override!r}; choose one of {list(names)}.")
+        index = names.index(degradation_override)
+        return ScanPrior(*(self.model.prior.with_degradation(p, index) for p in (prior.native, prior.scaled)))
 
     def detection(self, prior: PriorOutput | None) -> Detection:
         config = self.model.config
@@ -218,7 +285,7 @@ class VolumePredictor:
         window = fit_window(volume)
         with _cpu_fix_on_out_of_memory("computing the vision-language prior"):
             prior = self.volume_prior(volume, window, degradation_override)
-        detection = self.detection(prior)
+        detection = self.detection(prior.native if prior else None)
         global_ids = torch.tensor([0] + [self.info.classes.index(s.key) for s in detection.segments], device=self.device)
         restored = np.empty(volume.shape, np.float32)
         labels = np.zeros(volume.shape, np.uint8)

@@ -7,7 +7,17 @@ import pytest
 import torch
 
 from model_factory import tiny_predictor
-from VLDUNLib.inference import Cancelled, DeviceOutOfMemory, prior_slice_indices, resolve_device
+from VLDUNLib.data import resize_images
+from VLDUNLib.intensity import fit_window
+from VLDUNLib.inference import (
+    Cancelled,
+    DeviceOutOfMemory,
+    prior_slice_indices,
+    ScanPrior,
+    prior_tiles,
+    resolve_device,
+    tile_starts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +142,60 @@ def test_prior_slices_are_central_and_few():
     assert len(picked) == 5 and min(picked) >= 19 and max(picked) <= 80
 
 
+def test_tiles_reach_both_edges_and_are_capped():
+    assert tile_starts(100, 128) == [0]
+    assert tile_starts(256, 128) == [0, 128]
+    assert tile_starts(441, 128) == [0, 104, 209, 313]
+    many = tile_starts(1024, 128)
+    assert len(many) == 4 and many[0] == 0 and many[-1] == 1024 - 128
+
+
+def test_the_prior_reads_tiles_at_the_scans_own_pixel_scale():
+    """Large slices are cut, not shrunk: every tile is an exact crop, so noise and blur keep their pixel size."""
+    slices = torch.rand(2, 1, 256, 192)
+    tiles = prior_tiles(slices, 128)
+    assert tiles.shape == (8, 1, 128, 128)
+    assert torch.equal(tiles[0], slices[0, :, :128, :128])
+    assert torch.equal(tiles[7], slices[1, :, 128:, 64:])
+
+
+def test_small_slices_reach_the_prior_letterboxed_as_in_training():
+    slices = torch.rand(2, 1, 24, 20)
+    assert torch.equal(prior_tiles(slices, 48), resize_images(slices, 48))
+
+
+@pytest.mark.parametrize(("train_size", "seen"), [(None, [(5, 1, 24, 20)]), (48, [(5, 1, 48, 48)]),
+                                                  (12, [(20, 1, 12, 12), (5, 1, 12, 12)])])
+def test_the_prior_reads_each_geometry_once_per_volume(volume, train_size, seen):
+    """Tiles when slices exceed the training size, plus the letterboxed slices for the segmentation pass;
+    one letterboxed set when the slices are smaller (both passes would read the same)."""
+    predictor = tiny_predictor()
+    predictor.info.train_size = train_size
+    shapes = []
+    predictor.model.prior.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    detection = predictor.predict(volume).detection
+    assert shapes == seen
+    assert sum(detection.degradation_probabilities.values()) == pytest.approx(1.0)
+
+
+def test_each_pass_reads_the_prior_of_the_image_it_sees(volume):
+    """Restoration at the scan's size gets the tiles' prior; segmentation at the training scale gets the prior
+    of the letterboxed slices it reads, as in training."""
+    predictor = tiny_predictor()
+    predictor.info.train_size = 12
+    slices = predictor._slices(volume, fit_window(volume), prior_slice_indices(len(volume)))
+    scan = predictor.scan_prior(slices)
+    seen = {}
+
+    def record(module, args):
+        seen[args[0].shape[-1]] = args[1].tokens[0]
+
+    predictor.model.register_forward_pre_hook(record)
+    predictor.predict(volume)
+    assert torch.equal(seen[20], scan.native.tokens[0]) and torch.equal(seen[12], scan.scaled.tokens[0])
+    assert not torch.equal(scan.native.tokens, scan.scaled.tokens)
+
+
 def test_unavailable_devices_are_refused_with_the_fix():
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ValueError, match="choose"):
@@ -187,18 +251,19 @@ def test_a_skipped_head_leaves_the_other_output_unchanged(architecture):
                                                  ("no_rec_head", [(12, {"restore": False})])])
 def test_each_pass_computes_only_the_head_it_keeps(ablation, calls):
     """Same outputs as two full passes (native restoration, training-scale segmentation), fewer heads run."""
-    from VLDUNLib.data import content_box, resize_images
+    from VLDUNLib.data import content_box
 
     predictor = tiny_predictor(ablation=ablation)
     predictor.info.train_size = 12
     model = predictor.model
     batch = torch.rand(3, 1, 24, 20, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        prior = model.compute_prior(batch).pooled().expand(3)
+        pooled = model.compute_prior(batch).pooled().expand(3)
+        prior = ScanPrior(pooled, pooled)
         top, left, rows, cols = content_box(24, 20, 12)
-        small = model(resize_images(batch, 12), prior).seg_logits[..., top : top + rows, left : left + cols]
+        small = model(resize_images(batch, 12), pooled).seg_logits[..., top : top + rows, left : left + cols]
         expected_logits = torch.nn.functional.interpolate(small, size=(24, 20), mode="bilinear", align_corners=False)
-        expected_restored = model(batch, prior).restored
+        expected_restored = model(batch, pooled).restored
         seen = []
         model.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args[0].shape[-1], kwargs)), with_kwargs=True)
         restored, logits = predictor.forward_slices(batch, prior)
