@@ -12,8 +12,8 @@ from VLDUNLib.intensity import fit_window
 from VLDUNLib.inference import (
     Cancelled,
     DeviceOutOfMemory,
-    prior_slice_indices,
     ScanPrior,
+    prior_slice_indices,
     prior_tiles,
     resolve_device,
     tile_starts,
