@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
 
+from .augmentation import Augmentation
 from .intensity import fit_window, normalize, to_unit_range
 
 log = logging.getLogger(__name__)
@@ -839,6 +840,7 @@ class SliceDataset(Dataset):
         self.modalities, self.label_space = list(modalities), labels
         self.datasets = list(labels.dataset_classes)
         self.patch, self.augment, self.skipped = patch, augment, 0
+        self.augmentation = Augmentation()
         self._masks = {name: labels.class_mask(name) for name in self.datasets}
 
     def _channels(self, case: CaseLike) -> list[tuple[int, int]]:
@@ -874,11 +876,12 @@ class SliceDataset(Dataset):
         return len(self.images)
 
     def item(self, index: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Sample ``index``; with ``augment`` its flips and rotation come from ``generator`` (None: torch's RNG)."""
+        """Sample ``index``; with ``augment``, ``augmentation`` changes it with draws from ``generator`` (None:
+        torch's RNG)."""
         index = int(index)
         image, label = self.images[index].clone(), self.labels[index].to(torch.int64)
         if self.augment:
-            image, label = _augment(image, label, generator)
+            image, label = self.augmentation(image, label, generator)
         dataset = int(self.sample_dataset[index])
         return {
             "clean": image,
@@ -901,18 +904,6 @@ class SliceDataset(Dataset):
     def balanced_indices(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``count`` sample indices, each dataset drawn equally often on average regardless of its size."""
         return torch.multinomial(self.sample_weights(), count, replacement=True, generator=generator)
-
-
-def _augment(
-    image: torch.Tensor, label: torch.Tensor, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same random flips and quarter turn for a (1, P, P) image and its (P, P) label."""
-    flip_h, flip_v = (torch.rand(2, generator=generator) < 0.5).tolist()
-    turns = int(torch.randint(0, 4, (1,), generator=generator))
-    for flip, axis in ((flip_h, -1), (flip_v, -2)):
-        if flip:
-            image, label = image.flip(axis), label.flip(axis)
-    return image.rot90(turns, (-2, -1)), label.rot90(turns, (-2, -1))
 
 
 def balanced_sampler(ds: SliceDataset, num_samples: int, seed: int) -> Sampler[int]:

@@ -42,6 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import prepared
+from .augmentation import Augmentation
 from .config import make_config
 from .degradations import random_degradation
 from .network import build_model
@@ -76,6 +77,9 @@ class RunConfig:
     val_fraction: float = 0.2
     prior: StageConfig = field(default_factory=lambda: StageConfig(steps=400, batch_size=32, lr=5e-4))
     joint: StageConfig = field(default_factory=lambda: StageConfig(steps=2000, batch_size=8, lr=1e-3))
+    augment: dict[str, Any] = field(default_factory=dict)
+    """Augmentation beyond flips and quarter turns (`augmentation.Augmentation` fields: zoom, rotation_degrees,
+    gamma, window, probability); empty: flips and turns only."""
     primitive_fraction: float = 0.25
     """Share of stage-2 batches degraded by a primitive (noise, blur, ...) instead of the undersampling protocol."""
     rec_weight: float = 1.0
@@ -98,6 +102,7 @@ class RunConfig:
             self.prior = StageConfig(**self.prior)
         if isinstance(self.joint, dict):
             self.joint = StageConfig(**self.joint)
+        Augmentation.from_config(self.augment)
 
 
 def load_run_config(path: Path) -> RunConfig:
@@ -119,7 +124,7 @@ def load_run_config(path: Path) -> RunConfig:
         raw["init_weights"] = str((base / raw["init_weights"]).resolve())
     try:
         return RunConfig(**raw)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: {error}") from error
 
 
@@ -194,6 +199,7 @@ class Trainer:
             print(advice)
         self.slices = prepared.for_run(run.data, run.patch, run.val_fraction, run.seed)
         self.modalities, self.labels, self.train_set = self.slices.modalities, self.slices.labels, self.slices.train
+        self.train_set.augmentation = Augmentation.from_config(run.augment)
         torch.manual_seed(run.seed)
         self.config = make_config(
             run.preset, run.ablation, **{

@@ -28,6 +28,7 @@ import yaml
 from safetensors.torch import load_file
 
 from VLDUNLib import train
+from VLDUNLib.augmentation import Augmentation
 from VLDUNLib.data import read_datasets, split_cases
 from VLDUNLib.train import (
     RunConfig,
@@ -295,6 +296,8 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
         ({"data": ["d"], "out": "o", "learning_rate": 1.0}, "learning_rate"),
         ({"data": ["d"], "out": "o", "joint": {"step": 3}}, "step"),
         (["d", "o"], "data"),
+        ({"data": ["d"], "out": "o", "augment": {"zoom": [1.25, 0.8]}}, "zoom"),
+        ({"data": ["d"], "out": "o", "augment": {"scale": [0.8, 1.25]}}, "scale"),
     ],
 )
 def test_bad_run_configs_raise_value_errors_naming_the_file(tmp_path: Path, settings: Any, hint: str) -> None:
@@ -393,8 +396,16 @@ def test_fine_tuning_starts_from_every_exported_tensor_that_fits(reference: Path
     run = load_run_config(write_config(tmp_path / "configs", settings))
     assert run.init_weights == str((tmp_path / "ref" / "model.safetensors").resolve())
     trainer = train.Trainer(run)
+    assert trainer.train_set.augmentation == Augmentation(), "flips and turns only unless the config asks"
     trainer.start_from_init_weights()
     saved, own = tensors(reference), trainer.model.state_dict()
     fresh = {k for k, v in own.items() if v.shape != saved[k].shape}
     assert fresh and all(k.startswith(("seg_head.", "prior.classifier.")) for k in fresh), "one dataset: fewer classes"
     assert all(torch.equal(v, saved[k]) for k, v in own.items() if k not in fresh)
+
+
+def test_the_configs_augmentation_reaches_the_training_slices_only(data: list[Path], tmp_path: Path) -> None:
+    settings = {**run_settings(data[:1], tmp_path / "run"), "augment": {"zoom": [0.9, 1.1], "gamma": [0.8, 1.2]}}
+    trainer = train.Trainer(load_run_config(write_config(tmp_path, settings)))
+    assert trainer.train_set.augmentation == Augmentation(zoom=(0.9, 1.1), gamma=(0.8, 1.2))
+    assert all(not v.augment for v in trainer.slices.validation.values())
