@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+MIRROR_HELP = ("average the segmentation over the slice and its 3 mirror images: 4x the segmentation pass; "
+               "held out, Dice +0.006 to +0.014 on ACDC and abdomen, -0.03 on COVID-19 and BraTS (MODEL_CARD.md)")
+
 
 def _complexity(args: argparse.Namespace) -> int:
     from .complexity import complexity
@@ -38,7 +41,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .predict import predict_file
 
     predict_file(Path(args.input), Path(args.out), weights=args.weights, device=args.device,
-                 batch_size=args.batch_size, degradation=args.degradation)
+                 batch_size=args.batch_size, degradation=args.degradation, mirror=args.mirror)
     return 0
 
 
@@ -104,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--degradation", default=None, help="known degradation instead of the detected one")
+    p.add_argument("--mirror", action="store_true", help=MIRROR_HELP)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("train", help="train both stages from a YAML run config")
@@ -129,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slices are resized so the longer side is this; 0 keeps each scan's own resolution "
                    "(the Slicer path)")
     p.add_argument("--max-cases", type=int, default=None)
+    p.add_argument("--mirror", action="store_true", help=MIRROR_HELP)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_evaluate)
 

@@ -296,6 +296,9 @@ def ablation_weights(name: str) -> Path:
     return DEFAULT_WEIGHTS if name == "full" else MODELS_DIR / "ablations" / f"vldun_compact_{name}.safetensors"
 
 
+MIRROR_NOTE = "; segmentation averaged over the slice and its 3 mirror images (`--mirror`), model and baseline"
+
+
 def check_ablation(predictor: VolumePredictor, name: str) -> None:
     config = predictor.model.config
     wrong = {k: v for k, v in ABLATIONS[name].items() if getattr(config, k) != v}
@@ -306,10 +309,10 @@ def check_ablation(predictor: VolumePredictor, name: str) -> None:
 def evaluate_command(args: Namespace) -> dict[str, Any]:
     weights = args.weights or (ablation_weights(args.ablation) if args.ablation else None)
     protocol = Protocol(args.acceleration, args.center_fraction, args.spokes, args.size)
-    predictor = VolumePredictor(weights, device=args.device)
+    predictor = VolumePredictor(weights, device=args.device, mirror=args.mirror)
     if args.ablation:
         check_ablation(predictor, args.ablation)
-    baseline = VolumePredictor(args.baseline, device=args.device) if args.baseline else None
+    baseline = VolumePredictor(args.baseline, device=args.device, mirror=args.mirror) if args.baseline else None
     return write_report(predictor, read_datasets(args.data), protocol, Path(args.out), args.max_cases,
                         str(weights or DEFAULT_WEIGHTS), baseline)
 
@@ -329,6 +332,7 @@ def write_report(
     report: dict[str, Any] = {
         "protocol": protocol.describe(),
         "weights": weights_name,
+        "mirror": predictor.mirror,
         "architecture": predictor.model.config.architecture,
         "datasets": {d.name: evaluator.evaluate(d, max_cases, out / "montages") for d in datasets},
     }
@@ -339,7 +343,8 @@ def write_report(
             report["datasets"][d.name]["baseline"] = peer.evaluate(d, max_cases, None)["model"]
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown_table(report) + (comparison(report) if baseline is not None else "")
-    (out / "table.md").write_text(f"Protocol: {protocol.describe()}\n\nWeights: {weights_name}\n\n" + text)
+    (out / "table.md").write_text(f"Protocol: {protocol.describe()}\n\nWeights: {weights_name}"
+                                  f"{MIRROR_NOTE if predictor.mirror else ''}\n\n" + text)
     print(text)
     print(f"Report written to {out}/ (metrics.json, table.md, montages/)")
     return report

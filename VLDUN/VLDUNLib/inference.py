@@ -38,6 +38,9 @@ MAX_BATCH_PIXELS = 8 * 256 * 256
 """Most pixels in one batch: the batch size shrinks for large slices (2 at 512², 1 at 1024²), so the
 network's working memory stays that of 8 slices of 256² whatever the scan."""
 
+MIRRORS = ((-1,), (-2,), (-2, -1))
+"""The flips of test-time mirroring (`VolumePredictor(mirror=True)`): left-right, up-down, both."""
+
 
 class DeviceOutOfMemory(MemoryError):
     """The GPU ran out of memory where no batch is left to halve; the same run fits on the CPU (main memory)."""
@@ -171,8 +174,10 @@ class VolumePredictor:
         weights: str | Path | None = None,
         device: str = "auto",
         model: tuple[VLDUN, ModelInfo] | None = None,
+        mirror: bool = False,
     ) -> None:
         self.device = resolve_device(device)
+        self.mirror = mirror
         if advice := missing_cuda_scan(self.device):
             warnings.warn(advice, RuntimeWarning, stacklevel=2)
         self.model, self.info = model if model is not None else load_model(weights, "cpu")
@@ -208,11 +213,28 @@ class VolumePredictor:
             out = self.model(batch, prior.native if prior else None, segment=not rescale)
             restored, logits = out.restored, out.seg_logits
         if not rescale:
-            return restored, logits
+            return restored, self.segment(batch, prior.native if prior else None, logits) if logits is not None else None
         top, left, rows, cols = content_box(height, width, size)
-        logits = self.model(resize_images(batch, size), prior.scaled if prior else None, restore=False).seg_logits
+        logits = self.segment(resize_images(batch, size), prior.scaled if prior else None)
         logits = logits[..., top : top + rows, left : left + cols]
         return restored, F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+
+    def segment(
+        self, batch: torch.Tensor, prior: PriorOutput | None, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Segmentation scores of a batch: its logits (`logits`, when a pass already gave them), or with
+        `mirror` the class probabilities averaged over the batch and its 3 mirror images, as nnU-Net does at test
+        time, for 4x the segmentation pass. Off by default: with the shipped weights, held out at 128 px, it moved
+        mean Dice by +0.006 (ACDC), +0.014 (abdomen), -0.029 (COVID-19, smaller lesions) and -0.028 (BraTS)."""
+        if logits is None:
+            logits = self.model(batch, prior, restore=False).seg_logits
+        if not self.mirror:
+            return logits
+        probabilities = logits.float().softmax(1)
+        for dims in MIRRORS:
+            mirrored = self.model(batch.flip(dims), prior, restore=False).seg_logits
+            probabilities += mirrored.float().softmax(1).flip(dims)
+        return probabilities / (len(MIRRORS) + 1)
 
     @torch.no_grad()
     def slice_prior(self, slices: torch.Tensor) -> PriorOutput | None:

@@ -49,7 +49,7 @@ def slice_axis_of(image: sitk.Image) -> int:
 
 def predict_file(
     path: Path, out: Path, weights: str | None = None, device: str = "auto", batch_size: int = 8,
-    degradation: str | None = None,
+    degradation: str | None = None, mirror: bool = False,
 ) -> dict[str, object]:
     image = read_volume(path)
     suffix = output_suffix(path)
@@ -57,7 +57,7 @@ def predict_file(
     if not np.isfinite(array).all():
         raise ValueError(f"{path.name} holds NaN or Inf voxels; replace them (e.g. with 0) before restoring.")
     axis = slice_axis_of(image)
-    predictor = VolumePredictor(weights, device=device)
+    predictor = VolumePredictor(weights, device=device, mirror=mirror)
     started = time.monotonic()
     prediction = predictor.predict(volume_to_slices(array, axis), batch_size=batch_size,
                                    degradation_override=degradation)

@@ -102,3 +102,11 @@ def test_native_protocol_keeps_the_scan_resolution_and_segments_at_the_training_
 def test_negative_size_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="0 for each scan's own resolution"):
         Protocol(size=-1)
+
+
+def test_a_mirrored_report_says_so(tmp_path):
+    predictor = tiny_predictor()
+    predictor.mirror = True
+    result = write_report(predictor, [read_dataset(DATA / "Dataset001_ACDC")], Protocol(size=48), tmp_path,
+                          max_cases=1, weights_name="tiny")
+    assert result["mirror"] is True and "mirror images" in (tmp_path / "table.md").read_text()

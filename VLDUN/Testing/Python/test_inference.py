@@ -281,3 +281,37 @@ def test_large_slices_are_batched_by_pixels(monkeypatch):
     done = []
     tiny_predictor().predict(volume, batch_size=8, progress=lambda d, t: done.append(d))
     assert done == [2, 4, 5]
+
+
+def test_mirroring_averages_the_flips_and_undoes_each(volume):
+    """A model that marks the left quarter of whatever it reads as LV (label 3): unmirrored, the labels are
+    LV on the left only; mirrored, two of the four flips put it on the right, brought back to the slice."""
+    plain, mirrored = tiny_predictor(), tiny_predictor()
+    mirrored.mirror = True
+
+    def left_quarter_is_lv(module, args, out):
+        if out.seg_logits is not None:
+            out.seg_logits = torch.zeros_like(out.seg_logits)
+            out.seg_logits[:, 3, :, :5] = 10.0
+        return out
+
+    for predictor in (plain, mirrored):
+        predictor.model.register_forward_hook(left_quarter_is_lv)
+    once, averaged = plain.predict(volume).labels, mirrored.predict(volume).labels
+    assert (once[:, :, :5] == 3).all() and (once[:, :, 5:] == 0).all()
+    assert (averaged[:, :, :5] == 3).all() and (averaged[:, :, -5:] == 3).all() and (averaged[:, :, 5:-5] == 0).all()
+    np.testing.assert_array_equal(plain.predict(volume).restored, mirrored.predict(volume).restored)
+
+
+@pytest.mark.parametrize("train_size", [None, 12])
+def test_mirrored_scores_are_probabilities_and_mirror_with_the_input(volume, train_size):
+    predictor = tiny_predictor()
+    predictor.mirror = True
+    predictor.info.train_size = train_size
+    batch = torch.rand(2, 1, 24, 20)
+    prior = predictor.scan_prior(batch)
+    _, scores = predictor.forward_slices(batch, prior.expand(2))
+    _, flipped = predictor.forward_slices(batch.flip(-1), prior.expand(2))
+    torch.testing.assert_close(scores.sum(1), torch.ones(2, 24, 20), atol=1e-5, rtol=0)
+    if train_size is None:
+        torch.testing.assert_close(flipped, scores.flip(-1), atol=1e-5, rtol=0)

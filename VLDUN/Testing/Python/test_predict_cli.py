@@ -64,3 +64,21 @@ def test_vector_images_are_refused(tmp_path, weights):
 def test_cli_reports_missing_files_without_a_traceback(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "nothing.nii.gz"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_mirror_flag_reaches_the_predictor(tmp_path, weights, monkeypatch):
+    from VLDUNLib import inference
+
+    seen = []
+    original = inference.VolumePredictor.segment
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.mirror)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(inference.VolumePredictor, "segment", spy)
+    path, _ = oblique_image(tmp_path)
+    for flags in ([], ["--mirror"]):
+        assert main(["predict", str(path), "--out", str(tmp_path / "o"), "--weights", str(weights),
+                     "--device", "cpu", *flags]) == 0
+    assert seen and seen[0] is False and seen[-1] is True
