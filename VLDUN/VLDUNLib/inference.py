@@ -209,11 +209,12 @@ class VolumePredictor:
         height, width = batch.shape[-2:]
         rescale = self.rescales(height, width)
         restored = logits = None
+        native = prior.native if prior else None
         if config.rec_head or not rescale:
-            out = self.model(batch, prior.native if prior else None, segment=not rescale)
+            out = self.model(batch, native, segment=not rescale)
             restored, logits = out.restored, out.seg_logits
         if not rescale:
-            return restored, self.segment(batch, prior.native if prior else None, logits) if logits is not None else None
+            return restored, logits if logits is None else self.segment(batch, native, logits)
         top, left, rows, cols = content_box(height, width, size)
         logits = self.segment(resize_images(batch, size), prior.scaled if prior else None)
         logits = logits[..., top : top + rows, left : left + cols]
