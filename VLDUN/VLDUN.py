@@ -69,7 +69,8 @@ class VLDUNParameterNode:
     """The module's choices, stored in the scene so they are saved and restored with it.
 
     weightsPath "" means the shipped default weights; degradationOverride "" lets the model detect
-    the degradation.
+    the degradation; mirror averages the segmentation over 4 mirror images (off: it costs 4x the
+    segmentation pass and blurs away small lesions).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -78,6 +79,7 @@ class VLDUNParameterNode:
     weightsPath: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
     degradationOverride: str = ""
+    mirror: bool = False
 
 
 class VLDUNParameterLogic(ScriptedLoadableModuleLogic):
@@ -268,6 +270,7 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 progress=self._onProgress,
                 should_cancel=lambda: self._cancelRequested,
                 degradation_override=parameters.degradationOverride or None,
+                mirror=parameters.mirror,
             )
         except Cancelled:
             removeNodes(createdNodes)

@@ -70,6 +70,9 @@ ProgressCallback = Callable[[int, int, float], None]
 class Predictor(Protocol):
     """What `process` needs from a model: `inference.VolumePredictor`, or a test double."""
 
+    mirror: bool
+    """Average the segmentation over each slice and its 3 mirror images (test-time mirroring)."""
+
     def predict(
         self,
         volume: np.ndarray,
@@ -255,9 +258,11 @@ def _check_not_completed(segmentation: slicer.vtkMRMLSegmentationNode) -> None:
         )
 
 
-def _check_options(batch_size: int, degradation_override: str | None) -> None:
+def _check_options(batch_size: int, degradation_override: str | None, mirror: bool) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+    if not isinstance(mirror, bool):
+        raise ValueError(f"mirror must be True or False, got {mirror!r}.")
     if degradation_override is not None:
         from .degradations import DEGRADATIONS
 
@@ -344,21 +349,26 @@ class VLDUNLogic:
         should_cancel: Callable[[], bool] | None = None,
         degradation_override: str | None = None,
         batch_size: int = 8,
+        mirror: bool = False,
     ) -> Detection:
         """Restore `inputVolume` into `outputVolume` and segment it into `outputSegmentation`.
 
         Slices are cut along the acquisition axis (`mrml.slice_axis`); the outputs get the input's
         exact geometry and parent transform. Raises ValueError for unusable input (nothing changed)
         and `Cancelled` when `should_cancel()` returned True (nothing changed). Returns what the
-        prior detected (modality, degradation, classes).
+        prior detected (modality, degradation, classes). `mirror` averages the segmentation over each slice
+        and its 3 mirror images: 4x the segmentation pass, a little better on large organs, worse on small
+        lesions (MODEL_CARD.md).
         """
         validate_input(inputVolume)
         validate_outputs(inputVolume, outputVolume, outputSegmentation)
-        _check_options(batch_size, degradation_override)
+        _check_options(batch_size, degradation_override, mirror)
         axis = mrml.slice_axis(inputVolume)
         scene, input_stamp = inputVolume.GetScene(), _content_stamp(inputVolume)
         slices = mrml.volume_to_slices(_read_only(slicer.util.arrayFromVolume(inputVolume)), axis)
-        prediction = self.predictor(device).predict(
+        predictor = self.predictor(device)
+        predictor.mirror = mirror
+        prediction = predictor.predict(
             slices,
             batch_size=batch_size,
             progress=_with_time_left(progress),

@@ -168,20 +168,25 @@ def readout(h: Tensor, C: Tensor, out: Optional[Tensor] = None) -> Tensor:
     return y
 
 
-def _chunk_decay(delta: Tensor, A: Tensor) -> Tensor:
+def _chunk_decay(delta: Tensor, A: Tensor, reverse: bool = False) -> Tensor:
     """Each scan chunk's product of A_bar = exp(delta A) in closed form, exp(A * sum of its deltas): (b, chunks, n*d).
 
-    One exp per chunk instead of a multiply per position; the chunks are _scan_into's (forward order).
+    One exp per chunk instead of a multiply per position; the chunks are _scan_into's for the same ``reverse``.
     """
     length = delta.shape[1]
     size = _chunk_length(length)
-    sums = delta[:, : length // size * size].unflatten(1, (length // size, size)).sum(2)
+    count = length // size
+    covered = slice(length - count * size, length) if reverse else slice(0, count * size)
+    sums = delta[:, covered].unflatten(1, (count, size)).sum(2)
     return torch.mul(sums.unsqueeze(2), A.t()).exp_().flatten(2)
 
 
 def _states(delta: Tensor, A: Tensor, B: Tensor, u: Tensor, h0: Optional[Tensor],
-            out: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
+            out: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+            reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """A_bar, B_bar u and the states h of Eq. (2a), all (b, l, n, d), in ``out`` or in fresh tensors.
+
+    ``reverse`` runs the recurrence from the last position to the first (h0 then precedes position l-1).
 
     The buffers are allocated, never left to the product of the strided token views: that would keep their
     strides, and the scan would then write into a flattened copy instead of h.
@@ -189,7 +194,7 @@ def _states(delta: Tensor, A: Tensor, B: Tensor, u: Tensor, h0: Optional[Tensor]
     shape = (*u.shape[:2], A.shape[1], u.shape[2])
     a_bar, bu_bar, h = out if out is not None else (u.new_empty(shape, dtype=A.dtype) for _ in range(3))
     discretize(delta, A, B, u, out=(a_bar, bu_bar))
-    _scan_into(h.flatten(2), a_bar.flatten(2), bu_bar.flatten(2), h0, False, _chunk_decay(delta, A))
+    _scan_into(h.flatten(2), a_bar.flatten(2), bu_bar.flatten(2), h0, reverse, _chunk_decay(delta, A, reverse))
     return a_bar, bu_bar, h
 
 
@@ -255,11 +260,15 @@ class _Workspace:
         self.y = u.new_empty(batch, length, dim, dtype=A.dtype)
 
     def segment(self, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, u: Tensor, h0: Optional[Tensor],
-                part: slice) -> tuple[Tensor, Tensor]:
-        """_SelectiveSegment's forward without autograd, in the buffers; y lands in positions ``part`` of the output."""
+                part: slice, reverse: bool) -> tuple[Tensor, Tensor]:
+        """_SelectiveSegment's forward without autograd, in the buffers; y lands in positions ``part`` of the output.
+
+        Returns y and the state the next segment starts from: the last position's, or the first's with ``reverse``.
+        """
         length = u.shape[1]
-        _, _, h = _states(delta, A, B, u, h0, (self.a[:, :length], self.b[:, :length], self.h[:, :length]))
-        return readout(h, C, out=self.y[:, part]), h[:, -1].flatten(1).clone()
+        buffers = (self.a[:, :length], self.b[:, :length], self.h[:, :length])
+        _, _, h = _states(delta, A, B, u, h0, buffers, reverse)
+        return readout(h, C, out=self.y[:, part]), h[:, 0 if reverse else -1].flatten(1).clone()
 
 
 def _segment_length(batch: int, A: Tensor) -> int:
@@ -276,8 +285,14 @@ def _step_sizes(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: boo
 
 
 def _scan_tokens_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                       z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
+                       z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                       reverse: bool = False) -> Tensor:
     """The PyTorch selective scan in token layout: u, delta, z (b, L, d) and B, C (b, L, n) to y (b, L, d).
+
+    ``reverse`` scans from the last position to the first, which equals scanning the flipped sequences and
+    flipping y back, without copying five sequences twice. Without autograd it runs the segments last to
+    first; _SelectiveSegment's hand-written backward knows one direction only, so with autograd the
+    sequences are flipped.
 
     Runs segment by segment (see _segment_length), and does everything elementwise (softplus of delta, the
     D skip, the silu(z) gate) on the segment while it is in cache: on whole (b, L, d) tensors each of those
@@ -285,19 +300,24 @@ def _scan_tokens_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     gradients are recorded and computed in reused buffers when not. Math in fp32 (fp64 for fp64 inputs)
     whatever the input dtype or autocast.
     """
+    if reverse and torch.is_grad_enabled():
+        flipped = (x.flip(1) if x is not None else None for x in (u, delta, B, C, z))
+        u, delta, B, C, z = flipped
+        return _scan_tokens_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus).flip(1)
     work = torch.float64 if u.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=u.device.type, enabled=False):
         A = A.to(work)
         step = _segment_length(u.shape[0], A)
         workspace = None if torch.is_grad_enabled() else _Workspace(u, step, A)
         outputs, state = [], None
-        for start in range(0, u.shape[1], step):
+        starts = range(0, u.shape[1], step)
+        for start in reversed(starts) if reverse else starts:
             part = slice(start, start + step)
             u_part = u[:, part].to(work)
             args = (_step_sizes(delta[:, part].to(work), delta_bias, delta_softplus), A, B[:, part].to(work),
                     C[:, part].to(work), u_part, state)
             if workspace is not None:
-                y, state = workspace.segment(*args, part)
+                y, state = workspace.segment(*args, part, reverse)
             else:
                 y, state = _SelectiveSegment.apply(*args)
             if D is not None:
@@ -369,16 +389,18 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
 
 
 def _selective_scan_tokens(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
-                           delta_bias: Tensor, backend: Backend) -> Tensor:
+                           delta_bias: Tensor, backend: Backend, reverse: bool) -> Tensor:
     """selective_scan (with softplus) in the token layout of the layers: (b, L, d) and (b, L, n) in, (b, L, d) out.
 
-    The PyTorch path works in this layout directly; only mamba_ssm's kernel needs (b, d, L) transposes.
+    ``reverse`` scans from the last token to the first. The PyTorch path works in this layout and direction
+    directly; mamba_ssm's kernel needs (b, d, L) transposes and, for ``reverse``, flipped sequences.
     """
     if _resolve_backend(u, backend) == "torch":
-        return _scan_tokens_torch(u, delta, A, B, C, D, z, delta_bias, True)
-    transposed = (x.transpose(1, 2) for x in (u, delta, B, C, z))
+        return _scan_tokens_torch(u, delta, A, B, C, D, z, delta_bias, True, reverse)
+    order = (lambda x: x.flip(1)) if reverse else (lambda x: x)
+    transposed = (order(x).transpose(1, 2) for x in (u, delta, B, C, z))
     u_c, delta_c, B_c, C_c, z_c = transposed
-    return selective_scan(u_c, delta_c, A, B_c, C_c, D, z_c, delta_bias, True, backend).transpose(1, 2)
+    return order(selective_scan(u_c, delta_c, A, B_c, C_c, D, z_c, delta_bias, True, backend).transpose(1, 2))
 
 
 def _check_block_args(d_model: int, d_state: int, d_conv: int, expand: float, dt_rank: int | str) -> int:
@@ -408,12 +430,14 @@ def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int) -> None:
         dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
 
-def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], reverse: bool = False) -> Tensor:
     """Mamba's causal depthwise conv1d in token layout: y_t = bias + sum_k weight[:, 0, k] x_{t-K+1+k}.
 
     x (b, L, d), weight (d, 1, K) as nn.Conv1d stores it. K shifted multiply-adds on the tokens: oneDNN ran
     the equivalent (b, d, L) conv1d at 17 ms for (8, 36, 16384) on the 2-core Xeon, and the transposes and
     padding around it cost another 8 ms; the shifts take about a tenth of that and need no layout change.
+    ``reverse`` gives the conv of the reversed sequence read back in order, y_t = bias + sum_k weight[:, 0, k]
+    x_{t+K-1-k} (causal towards the start), with no flipped copies.
     """
     taps = weight[:, 0].t().to(x.dtype).contiguous()  # (K, d): a strided tap vector halves the speed
     size = taps.shape[0]
@@ -421,7 +445,8 @@ def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> 
     for k in range(size - 1):
         shift = size - 1 - k
         if shift < x.shape[1]:
-            y[:, shift:].addcmul_(x[:, :-shift], taps[k])
+            target, source = (y[:, :-shift], x[:, shift:]) if reverse else (y[:, shift:], x[:, :-shift])
+            target.addcmul_(source, taps[k])
     return y
 
 
@@ -442,18 +467,19 @@ class _DirectionalSSM(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))
 
-    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+    def forward(self, x: Tensor, z: Tensor, reverse: bool = False) -> Tensor:
         """Causal conv + SiLU, input-dependent (delta, B, C), then the selective scan gated by silu(z).
 
-        x, z (b, L, d_inner) in token layout; returns (b, L, d_inner).
+        x, z (b, L, d_inner) in token layout; returns (b, L, d_inner). ``reverse`` runs the direction from the
+        last token to the first, equal to flipping x and z, running forward and flipping the result back.
         """
-        tokens = F.silu(causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias))
+        tokens = F.silu(causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias, reverse))
         dt_rank, d_state = self.dt_proj.in_features, self.A_log.shape[1]
         dt, B, C = self.x_proj(tokens).split([dt_rank, d_state, d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight)
         A = -torch.exp(self.A_log.float())
         return _selective_scan_tokens(tokens, delta, A, B, C, self.D.float(), z, self.dt_proj.bias.float(),
-                                      self.backend)
+                                      self.backend, reverse)
 
 
 class MambaBlock(nn.Module):
@@ -496,6 +522,11 @@ class BiMamba2D(nn.Module):
     Vision Mamba's bimamba): the projections hold most parameters and see the same tokens either way, while
     everything that makes a scan causal in one direction is per direction. The outputs are summed.
     Returns the layer output only; the caller adds the residual.
+
+    The backward direction scans the same tokens last to first instead of flipping x, z and its output (three
+    copies per call), and in_proj runs as its two halves, so x and z come out contiguous: the conv and the gate
+    read the strided halves of one output about 1.5x slower, and at batch 8 on the first level that one
+    (b, L, 2 d_inner) output was above glibc's 32 MiB mmap threshold, so every call page-faulted it afresh.
     """
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: float = 2,
@@ -516,8 +547,6 @@ class BiMamba2D(nn.Module):
                              f"{tuple(image.shape)}")
         batch, _, height, width = image.shape
         tokens = self.norm(image.flatten(2).transpose(1, 2))
-        x, z = self.in_proj(tokens).chunk(2, dim=-1)
-        ahead = self.forward_ssm(x, z)
-        behind = self.backward_ssm(x.flip(1), z.flip(1)).flip(1)
-        out = self.out_proj(ahead + behind)
+        x, z = (F.linear(tokens, weight) for weight in self.in_proj.weight.chunk(2))
+        out = self.out_proj(self.forward_ssm(x, z) + self.backward_ssm(x, z, reverse=True))
         return out.transpose(1, 2).reshape(batch, self.dim, height, width)

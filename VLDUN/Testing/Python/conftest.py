@@ -93,6 +93,8 @@ class FakePredictor:
     def __init__(self) -> None:
         self.calls = 0
         self.batches = 0
+        self.mirror = False
+        self.mirrored: list[bool] = []
         self.seen: np.ndarray | None = None
         self.last: Any = None
 
@@ -109,6 +111,7 @@ class FakePredictor:
         from VLDUNLib.terminology import display_name
 
         self.calls += 1
+        self.mirrored.append(self.mirror)
         self.seen = volume
         edges = np.quantile(volume, [0.25, 0.5, 0.75])
         restored = np.empty(volume.shape, np.float32)

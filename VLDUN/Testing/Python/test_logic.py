@@ -238,6 +238,7 @@ REFUSALS: dict[str, tuple[Callable[[Any, Any], tuple[Any, Any, Any]], dict[str, 
     "output is a labelmap": (_output_is_labelmap, {}, "scalar volume node"),
     "batch size": (lambda scene, add: (add(scan()), None, None), {"batch_size": 0}, "batch_size"),
     "degradation": (lambda scene, add: (add(scan()), None, None), {"degradation_override": "fog"}, "'fog'"),
+    "mirror": (lambda scene, add: (add(scan()), None, None), {"mirror": "yes"}, "mirror must be True or False"),
 }
 
 
@@ -252,6 +253,15 @@ def test_refusals_change_nothing(scene: Any, add_volume: Any, fake_predictor: An
         VLDUNLogic(predictor=fake_predictor).process(source, restored, segmentation, **options)
     assert scene_state(scene) == before
     assert fake_predictor.calls == 0
+
+
+def test_mirroring_is_set_for_each_run(add_volume: Any, outputs: tuple[Any, Any], fake_predictor: Any) -> None:
+    """The widget's checkbox reaches the loaded model, and a run without it does not inherit it."""
+    runner, source = VLDUNLogic(predictor=fake_predictor), add_volume(scan())
+    runner.process(source, *outputs, mirror=True)
+    assert fake_predictor.mirrored == [True]
+    runner.process(source, *outputs)
+    assert fake_predictor.mirrored == [True, False]
 
 
 def test_validate_input_accepts_a_plain_scan(add_volume: Any) -> None:

@@ -34,6 +34,7 @@ EXPECTED_WIDGET_CLASSES = {
     "weightsPathLineEdit": "ctkPathLineEdit",
     "deviceComboBox": "QComboBox",
     "degradationComboBox": "QComboBox",
+    "mirrorCheckBox": "QCheckBox",
     "applyButton": "QPushButton",
     "progressBar": "QProgressBar",
     "detectedCollapsibleButton": "ctkCollapsibleButton",

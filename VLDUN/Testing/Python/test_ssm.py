@@ -180,6 +180,41 @@ def test_bimamba_inference_equals_training_mode_output(monkeypatch: pytest.Monke
     torch.testing.assert_close(fast, layer(image), rtol=0, atol=1e-5)
 
 
+def flipped_direction(direction: ssm._DirectionalSSM, x: Tensor, z: Tensor) -> Tensor:
+    """The unoptimised backward direction: flip the tokens, scan forward, flip the result back."""
+    return direction(x.flip(1), z.flip(1)).flip(1)
+
+
+@pytest.mark.parametrize("segment_positions", [1, 7, 64, 1000])
+def test_reverse_direction_equals_flipped_sequences(monkeypatch: pytest.MonkeyPatch, segment_positions: int) -> None:
+    """reverse=True scans last to first in place of three flipped copies: same values and gradients."""
+    torch.manual_seed(0)
+    direction = ssm._DirectionalSSM(5, 3, 4, 2, "torch")
+    monkeypatch.setattr(ssm, "_CPU_SEGMENT_ELEMENTS", segment_positions * 2 * 5 * 3)
+    x, z = torch.randn(2, 150, 5, requires_grad=True), torch.randn(2, 150, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(direction(x, z, reverse=True), flipped_direction(direction, x, z),
+                                   rtol=0, atol=1e-5)
+    expected = torch.autograd.grad(flipped_direction(direction, x, z).square().sum(), [x, *direction.parameters()])
+    got = torch.autograd.grad(direction(x, z, reverse=True).square().sum(), [x, *direction.parameters()])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_bimamba2d_equals_its_unoptimised_formula() -> None:
+    """One in_proj per half and the reversed scan change nothing beyond fp32 rounding (the issue's 1e-4)."""
+    torch.manual_seed(0)
+    layer = BiMamba2D(8, d_state=4, expand=1.5, backend="torch")
+    image = torch.randn(2, 8, 16, 24)
+    tokens = layer.norm(image.flatten(2).transpose(1, 2))
+    x, z = layer.in_proj(tokens).chunk(2, dim=-1)
+    mixed = layer.forward_ssm(x, z) + flipped_direction(layer.backward_ssm, x, z)
+    expected = layer.out_proj(mixed).transpose(1, 2).reshape(image.shape)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(image), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(layer(image), expected, rtol=0, atol=1e-4)
+
+
 def test_segmented_scan_keeps_no_full_length_state(monkeypatch: pytest.MonkeyPatch) -> None:
     b, d, n, length = 1, 4, 4, 2048
     monkeypatch.setattr(ssm, "_CPU_SEGMENT_ELEMENTS", 64 * b * d * n)
@@ -311,6 +346,18 @@ def test_cuda_kernel_matches_torch_scan() -> None:
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * (1 + b.abs().max().item()))
 
 
+@pytest.mark.skipif(not cuda_scan_available(), reason="needs a GPU and an importable mamba_ssm")
+def test_bimamba2d_on_the_cuda_kernel_matches_the_torch_scan() -> None:
+    """Both directions, the reversed one included (the kernel has no reverse: its sequences are flipped)."""
+    torch.manual_seed(0)
+    layer = BiMamba2D(16, d_state=8, backend="torch").cuda()
+    kernel = copy.deepcopy(layer)
+    kernel.forward_ssm.backend = kernel.backward_ssm.backend = "cuda"
+    image = torch.randn(2, 16, 24, 40, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(kernel(image), layer(image), rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("length", [1, 3, 4, 50])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_causal_depthwise_conv_equals_padded_conv1d(length: int, with_bias: bool) -> None:
@@ -321,8 +368,12 @@ def test_causal_depthwise_conv_equals_padded_conv1d(length: int, with_bias: bool
     bias = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True) if with_bias else None
     expected = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), weight, bias, groups=5).transpose(1, 2)
     torch.testing.assert_close(ssm.causal_depthwise_conv(x, weight, bias), expected, rtol=0, atol=1e-12)
+    flipped = ssm.causal_depthwise_conv(x.flip(1), weight, bias).flip(1)
+    torch.testing.assert_close(ssm.causal_depthwise_conv(x, weight, bias, reverse=True), flipped, rtol=0, atol=1e-12)
     inputs = (x, weight, bias) if with_bias else (x, weight)
-    assert torch.autograd.gradcheck(lambda *args: ssm.causal_depthwise_conv(*args[:2], *args[2:] or (None,)), inputs)
+    for reverse in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda *args: ssm.causal_depthwise_conv(*args[:2], *args[2:] or (None,), reverse=reverse), inputs)
 
 
 def test_mamba_block_init_follows_mamba_simple() -> None:
