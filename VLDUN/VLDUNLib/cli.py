@@ -38,11 +38,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .predict import predict_file
+    from .predict import predict_cohort
 
-    predict_file(Path(args.input), Path(args.out), weights=args.weights, device=args.device,
-                 batch_size=args.batch_size, degradation=args.degradation, mirror=args.mirror)
-    return 0
+    failed = predict_cohort([Path(p) for p in args.inputs], Path(args.out), weights=args.weights, device=args.device,
+                            batch_size=args.batch_size, degradation=args.degradation, mirror=args.mirror,
+                            overwrite=args.overwrite)
+    return 1 if failed else 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -100,9 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int, default=12)
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("predict", help="restore and segment a volume file (NIfTI/NRRD/MHA)")
-    p.add_argument("input")
+    p = sub.add_parser("predict", help="restore and segment volume files (NIfTI/NRRD/MHA): one scan or a cohort")
+    p.add_argument("inputs", nargs="+", metavar="input",
+                   help="volume files or folders of them; more than one file gives one output subfolder per case")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo cases whose outputs are already in --out (by default they are skipped, so a rerun "
+                   "resumes an interrupted cohort)")
     p.add_argument("--weights", default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--batch-size", type=int, default=8)

@@ -1,7 +1,9 @@
-"""`vldun predict` on files: geometry kept exactly, bad files refused, the CLI reports errors cleanly."""
+"""`vldun predict` on files and cohorts: geometry kept exactly, bad files refused or reported while the rest
+of a cohort runs, finished cases skipped on a rerun, the CLI reports errors cleanly."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -10,7 +12,7 @@ import SimpleITK as sitk
 
 from model_factory import tiny_predictor
 from VLDUNLib.cli import main
-from VLDUNLib.predict import predict_file, slice_axis_of
+from VLDUNLib.predict import find_inputs, predict_file, slice_axis_of
 from VLDUNLib.weights import save_weights
 
 
@@ -22,14 +24,14 @@ def weights(tmp_path_factory):
     return path
 
 
-def oblique_image(tmp_path, spacing=(1.0, 1.0, 5.0)):
-    array = np.random.default_rng(0).normal(100, 30, (4, 20, 18)).astype(np.float32)
+def oblique_image(tmp_path, spacing=(1.0, 1.0, 5.0), name="scan.nrrd", seed=0):
+    array = np.random.default_rng(seed).normal(100, 30, (4, 20, 18)).astype(np.float32)
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(spacing)
     image.SetOrigin((10.0, -5.0, 3.0))
     c, s = np.cos(0.4), np.sin(0.4)
     image.SetDirection((c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
-    path = tmp_path / "scan.nrrd"
+    path = tmp_path / name
     sitk.WriteImage(image, str(path))
     return path, image
 
@@ -61,6 +63,13 @@ def test_vector_images_are_refused(tmp_path, weights):
         predict_file(path, tmp_path / "out", weights=str(weights))
 
 
+def test_unreadable_files_are_named_with_the_reason(tmp_path, weights):
+    path = tmp_path / "truncated.nii.gz"
+    path.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(ValueError, match="truncated.nii.gz could not be read .*complete"):
+        predict_file(path, tmp_path / "out", weights=str(weights))
+
+
 def test_cli_reports_missing_files_without_a_traceback(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "nothing.nii.gz"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -78,7 +87,72 @@ def test_cli_mirror_flag_reaches_the_predictor(tmp_path, weights, monkeypatch):
 
     monkeypatch.setattr(inference.VolumePredictor, "segment", spy)
     path, _ = oblique_image(tmp_path)
-    for flags in ([], ["--mirror"]):
+    for flags in ([], ["--mirror", "--overwrite"]):
         assert main(["predict", str(path), "--out", str(tmp_path / "o"), "--weights", str(weights),
                      "--device", "cpu", *flags]) == 0
     assert seen and seen[0] is False and seen[-1] is True
+
+
+def cohort(tmp_path):
+    """Two readable scans and one unreadable file in a folder."""
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    for seed, name in enumerate(("case_a.nii.gz", "case_b.nrrd")):
+        oblique_image(folder, name=name, seed=seed)
+    (folder / "case_c.mha").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("ignored")
+    return folder
+
+
+def summary(out):
+    with (out / "summary.csv").open(newline="") as handle:
+        return {row["case"]: row for row in csv.DictReader(handle)}
+
+
+def test_a_cohort_runs_every_case_and_reports_the_bad_one(tmp_path, weights, capsys):
+    folder, out = cohort(tmp_path), tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main(["predict", str(folder), "--out", str(out), "--weights", str(weights), "--device", "cpu"]) == 1
+    rows = summary(out)
+    assert {case: row["status"] for case, row in rows.items()} == {
+        "case_a": "done", "case_b": "done", "case_c": "failed"}
+    assert "case_c.mha" in capsys.readouterr().err and rows["case_c"]["error"]
+    for case, suffix in (("case_a", ".nii.gz"), ("case_b", ".nrrd")):
+        assert {p.name for p in (out / case).iterdir()} == {
+            f"restored{suffix}", f"segmentation{suffix}", "detection.json"}
+        assert rows[case]["modality"] == json.loads((out / case / "detection.json").read_text())["modality"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_rerun_skips_finished_cases_unless_told_to_overwrite(tmp_path, weights, monkeypatch):
+    from VLDUNLib import predict
+
+    folder, out = cohort(tmp_path), tmp_path / "out"
+    (folder / "case_c.mha").unlink()
+    args = ["predict", str(folder), "--out", str(out), "--weights", str(weights), "--device", "cpu"]
+    assert main(args) == 0
+    stamp = (out / "case_a" / "restored.nii.gz").stat().st_mtime_ns
+    runs = []
+    monkeypatch.setattr(predict, "predict_volume", lambda *a, **k: runs.append(a[1].name) or {"modality": "x"})
+    assert main(args) == 0
+    assert runs == [] and {row["status"] for row in summary(out).values()} == {"skipped"}
+    assert (out / "case_a" / "restored.nii.gz").stat().st_mtime_ns == stamp
+    assert main([*args, "--overwrite"]) == 0
+    assert runs == ["case_a.nii.gz", "case_b.nrrd"]
+
+
+def test_inputs_are_checked_before_anything_runs(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder in (first, second):
+        folder.mkdir()
+        oblique_image(folder, name="case.nrrd")
+    with pytest.raises(ValueError, match="both case 'case'"):
+        find_inputs([first, second])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no volume files"):
+        find_inputs([tmp_path / "empty"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_inputs([first, tmp_path / "missing.nii.gz"])
+    oblique_image(first, name="another.nii")
+    (first / "notes.txt").write_text("not a volume")
+    assert find_inputs([first]) == [first / "another.nii", first / "case.nrrd"]
