@@ -795,4 +795,7 @@ def volume_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # as `vldun predict` does
     print(json.dumps(volume_run(volume_parser().parse_args())))
