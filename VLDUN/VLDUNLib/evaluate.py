@@ -11,11 +11,13 @@ then averaged over cases; a class absent from both prediction and reference in a
 
 When a dataset is one the model was trained on (same folder name), only its held-out validation
 cases are evaluated; otherwise every case is, and modality accuracy is replaced by the share of
-cases flagged as unlike the training data.
+cases flagged as unlike the training data. `cases.csv` lists every case with its own figures and what
+the prior detected, to find the scans a mean hides.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from argparse import Namespace
@@ -38,7 +40,7 @@ from .degradations import (
     sparse_view_ct,
     undersample_mri,
 )
-from .inference import VolumePredictor, prior_slice_indices
+from .inference import Detection, VolumePredictor, prior_slice_indices
 from .intensity import fit_window, normalize, to_unit_range
 from .metrics import dice, iou, mean_defined, psnr, ssim
 from .weights import DEFAULT_WEIGHTS, MODELS_DIR
@@ -106,6 +108,8 @@ class Evaluator:
         self.info = predictor.info
         self.protocol = protocol
         self.trained_on = set(self.info.extra.get("datasets", []))
+        self.case_rows: list[dict[str, Any]] = []
+        """One flat row per evaluated case and channel, for cases.csv."""
 
     def cases(self, dataset: DatasetInfo, max_cases: int | None) -> list[CaseLike]:
         """The held-out split (same seed and fraction as training) of a training dataset, else every case."""
@@ -177,6 +181,7 @@ class Evaluator:
                 result = self.run_case(dataset, case, channel)
                 result["truth"] = f"{dataset.short_name}/{channel_name}"
                 rows.append(summarise_case(result, class_names))
+                self.case_rows.append(case_row(dataset.name, case.case_id, result["detection"], rows[-1]))
                 if len(montage_rows) < 3 and "restored" in result:
                     montage_rows.append(result)
         if montage_dir is not None and montage_rows:
@@ -206,6 +211,31 @@ def summarise_case(result: dict[str, Any], class_names: dict[int, str]) -> dict[
         if TUMOUR_CLASSES & set(class_names.values()):
             row["dice"]["whole_tumor"] = dice((pred > 0).astype(np.uint8), (ref > 0).astype(np.uint8), 1)
     return row
+
+
+def case_row(dataset: str, case_id: str, detection: Detection, summary: dict[str, Any]) -> dict[str, Any]:
+    """A case's line of cases.csv: its PSNR/SSIM, foreground Dice (mean and per class) and the detection."""
+    row: dict[str, Any] = {
+        "dataset": dataset, "case": case_id, "truth": summary["truth"],
+        "detected_modality": detection.modality, "modality_probability": round(detection.modality_probability, 4),
+        "out_of_distribution": detection.out_of_distribution, "detected_degradation": detection.degradation,
+    }
+    for stage in ("input", "model"):
+        row.update({f"{stage}_{k}": summary[stage].get(k) for k in ("psnr", "ssim")})
+    dice = summary.get("dice", {})
+    row["dice_mean"] = mean_defined(v for name, v in dice.items() if name != "whole_tumor")
+    row.update({f"dice_{name}": v for name, v in dice.items()})
+    return row
+
+
+def write_case_table(path: Path, rows: list[dict[str, Any]]) -> None:
+    """cases.csv: the union of the rows' columns (each dataset has its own classes), blank where undefined."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
 
 
 def aggregate(rows: list[dict[str, Any]], cases: int, modalities: tuple[str, ...], has_prior: bool) -> dict[str, Any]:
@@ -342,9 +372,10 @@ def write_report(
         for d in datasets:
             report["datasets"][d.name]["baseline"] = peer.evaluate(d, max_cases, None)["model"]
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_case_table(out / "cases.csv", evaluator.case_rows)
     text = markdown_table(report) + (comparison(report) if baseline is not None else "")
     (out / "table.md").write_text(f"Protocol: {protocol.describe()}\n\nWeights: {weights_name}"
                                   f"{MIRROR_NOTE if predictor.mirror else ''}\n\n" + text)
     print(text)
-    print(f"Report written to {out}/ (metrics.json, table.md, montages/)")
+    print(f"Report written to {out}/ (metrics.json, table.md, cases.csv, montages/)")
     return report

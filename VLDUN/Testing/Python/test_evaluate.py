@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -47,6 +48,21 @@ def test_table_and_montages_are_written(report):
     table = (out / "table.md").read_text()
     assert "| Degraded input |" in table and "Dataset001_ACDC PSNR" in table
     assert (out / "montages" / "Dataset001_ACDC.png").stat().st_size > 1000
+
+
+def test_cases_csv_lists_each_case_with_its_own_figures(report):
+    """One case per dataset here, so each row must equal its dataset's means."""
+    out, result = report
+    with (out / "cases.csv").open(newline="") as handle:
+        rows = {row["dataset"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"Dataset001_ACDC", "Dataset003_COVID19CT"}
+    acdc, covid = rows["Dataset001_ACDC"], rows["Dataset003_COVID19CT"]
+    means = result["datasets"]["Dataset001_ACDC"]
+    assert float(acdc["input_psnr"]) == pytest.approx(means["input"]["psnr"], abs=1e-4)
+    assert float(acdc["dice_mean"]) == pytest.approx(means["model"]["dice_mean"], abs=1e-4)
+    assert float(acdc["dice_LV"]) == pytest.approx(means["model"]["dice"]["LV"], abs=1e-4)
+    assert acdc["truth"] == "ACDC/MRI" and acdc["detected_modality"] in ("ACDC/MRI", "BraTS2015/T1c")
+    assert covid["dice_mean"] == "" and covid["dice_LV"] == "" and covid["case"]
 
 
 def test_two_runs_print_the_same_numbers(report, tmp_path):
