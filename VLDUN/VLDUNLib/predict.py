@@ -4,8 +4,9 @@ Outputs keep the input's exact geometry (origin, spacing, direction): `restored.
 intensity scale, `segmentation.<ext>` (uint8 labels) and `detection.json` with the detected modality
 and degradation and the label names. One input file writes them into the output folder itself; several
 files, or folders of them, write one subfolder per case and `summary.csv`, with the model loaded once.
-`detection.json` is written last, so it marks a finished case: a rerun skips finished cases (resuming an
-interrupted cohort) unless asked to overwrite, and a case that fails is reported and the others still run.
+`detection.json` is written last and names its input, so it marks a finished case: a rerun skips finished
+cases (resuming an interrupted cohort) unless asked to overwrite, and a case that fails is reported and the
+others still run.
 """
 
 from __future__ import annotations
@@ -90,9 +91,12 @@ def find_inputs(paths: list[Path]) -> list[Path]:
     return files
 
 
-def is_done(out: Path) -> bool:
-    """A case's outputs are complete: `detection.json` is written after both volumes."""
-    return (out / "detection.json").is_file()
+def is_done(out: Path, path: Path) -> bool:
+    """`out` holds the finished outputs of `path`: its `detection.json`, written after both volumes, names it."""
+    try:
+        return json.loads((out / "detection.json").read_text()).get("input") == str(path.resolve())
+    except (OSError, ValueError):
+        return False
 
 
 def predict_volume(
@@ -120,6 +124,7 @@ def predict_volume(
     detection = asdict(prediction.detection)
     detection["seconds"] = round(time.monotonic() - started, 2)
     detection["slice_axis"] = axis
+    detection["input"] = str(path.resolve())
     (out / "detection.json").write_text(json.dumps(detection, indent=2) + "\n")
     det = prediction.detection
     print(f"{label}{path.name}: {det.modality} (p={det.modality_probability:.2f}), {det.degradation} "
@@ -170,7 +175,7 @@ def predict_cohort(
     for number, path in enumerate(files, 1):
         target, label = (out, "") if single else (out / case_name(path), f"[{number}/{len(files)}] ")
         row: dict[str, object] = {"case": case_name(path), "input": str(path)}
-        if is_done(target) and not overwrite:
+        if is_done(target, path) and not overwrite:
             print(f"{label}{path.name}: already done in {target}/ (--overwrite redoes it)")
             row.update(json.loads((target / "detection.json").read_text()), status="skipped")
         else:

@@ -141,6 +141,15 @@ def test_a_rerun_skips_finished_cases_unless_told_to_overwrite(tmp_path, weights
     assert runs == ["case_a.nii.gz", "case_b.nrrd"]
 
 
+def test_another_scan_into_the_same_folder_is_not_taken_for_done(tmp_path, weights):
+    first, _ = oblique_image(tmp_path, name="first.nrrd")
+    second, _ = oblique_image(tmp_path, name="second.nrrd", seed=1)
+    for path in (first, second):
+        assert main(["predict", str(path), "--out", str(tmp_path / "o"), "--weights", str(weights),
+                     "--device", "cpu"]) == 0
+        assert json.loads((tmp_path / "o" / "detection.json").read_text())["input"] == str(path.resolve())
+
+
 def test_inputs_are_checked_before_anything_runs(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     for folder in (first, second):
