@@ -166,6 +166,8 @@ def predict_cohort(
     A single input file writes into `out` itself, anything else into `out/<case>/` plus `out/summary.csv`.
     Finished cases are skipped unless `overwrite`; the model loads once, and only if a case needs it.
     """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; name a folder (it is created if missing).")
     files = find_inputs(inputs)
     single = len(inputs) == 1 and inputs[0].is_file()
     if not single:

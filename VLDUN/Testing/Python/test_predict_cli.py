@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from model_factory import tiny_predictor
 from VLDUNLib.cli import main
-from VLDUNLib.predict import find_inputs, predict_file, slice_axis_of
+from VLDUNLib.predict import find_inputs, predict_cohort, predict_file, slice_axis_of
 from VLDUNLib.weights import save_weights
 
 
@@ -162,6 +162,9 @@ def test_inputs_are_checked_before_anything_runs(tmp_path):
         find_inputs([tmp_path / "empty"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_inputs([first, tmp_path / "missing.nii.gz"])
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(ValueError, match="is a file; name a folder"):
+        predict_cohort([first], tmp_path / "taken")
     oblique_image(first, name="another.nii")
     (first / "notes.txt").write_text("not a volume")
     assert find_inputs([first]) == [first / "another.nii", first / "case.nrrd"]
