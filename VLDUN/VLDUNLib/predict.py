@@ -91,12 +91,14 @@ def find_inputs(paths: list[Path]) -> list[Path]:
     return files
 
 
-def is_done(out: Path, path: Path) -> bool:
-    """`out` holds the finished outputs of `path`: its `detection.json`, written after both volumes, names it."""
+def finished(out: Path, path: Path) -> dict[str, object] | None:
+    """The detection of `path` when `out` holds its finished outputs (`detection.json`, written after both
+    volumes, names it); else None."""
     try:
-        return json.loads((out / "detection.json").read_text()).get("input") == str(path.resolve())
+        detection = json.loads((out / "detection.json").read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    return detection if detection.get("input") == str(path.resolve()) else None
 
 
 def predict_volume(
@@ -177,9 +179,9 @@ def predict_cohort(
     for number, path in enumerate(files, 1):
         target, label = (out, "") if single else (out / case_name(path), f"[{number}/{len(files)}] ")
         row: dict[str, object] = {"case": case_name(path), "input": str(path)}
-        if is_done(target, path) and not overwrite:
+        if not overwrite and (done := finished(target, path)) is not None:
             print(f"{label}{path.name}: already done in {target}/ (--overwrite redoes it)")
-            row.update(json.loads((target / "detection.json").read_text()), status="skipped")
+            row.update(done, status="skipped")
         else:
             predictor = predictor or VolumePredictor(weights, device=device, mirror=mirror)
             try:
