@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from model_factory import tiny_predictor
 from VLDUNLib.cli import main
@@ -133,12 +134,42 @@ def test_a_rerun_skips_finished_cases_unless_told_to_overwrite(tmp_path, weights
     assert main(args) == 0
     stamp = (out / "case_a" / "restored.nii.gz").stat().st_mtime_ns
     runs = []
-    monkeypatch.setattr(predict, "predict_volume", lambda *a, **k: runs.append(a[1].name) or {"modality": "x"})
+    fake = {"modality": "x", "modality_probability": 1.0, "degradation": "noise", "degradation_probability": 1.0,
+            "segments": [], "out_of_distribution": False}
+    monkeypatch.setattr(predict, "predict_volume", lambda *a, **k: runs.append(a[1].name) or fake)
     assert main(args) == 0
     assert runs == [] and {row["status"] for row in summary(out).values()} == {"skipped"}
     assert (out / "case_a" / "restored.nii.gz").stat().st_mtime_ns == stamp
     assert main([*args, "--overwrite"]) == 0
     assert runs == ["case_a.nii.gz", "case_b.nrrd"]
+
+
+def test_workers_give_the_same_cohort_as_one_process(tmp_path, weights, capsys):
+    folder = cohort(tmp_path)
+    args = ["predict", str(folder), "--weights", str(weights), "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 1
+    assert main([*args, "--out", str(tmp_path / "two"), "--workers", "2"]) == 1
+    one, two = summary(tmp_path / "one"), summary(tmp_path / "two")
+    assert list(two) == ["case_a", "case_b", "case_c"]
+    assert {c: r["status"] for c, r in two.items()} == {c: r["status"] for c, r in one.items()}
+    assert two["case_c"]["error"] == one["case_c"]["error"] and "case_c.mha" in capsys.readouterr().err
+    for case, suffix in (("case_a", ".nii.gz"), ("case_b", ".nrrd")):
+        for name in ("restored", "segmentation"):
+            a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / run / case / f"{name}{suffix}")))
+                    for run in ("one", "two"))
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_workers_are_refused_on_a_gpu_and_below_one(tmp_path, weights, monkeypatch):
+    from VLDUNLib import predict
+
+    folder = cohort(tmp_path)
+    (folder / "case_c.mha").unlink()
+    with pytest.raises(ValueError, match="at least 1"):
+        predict_cohort([folder], tmp_path / "out", weights=str(weights), workers=0)
+    monkeypatch.setattr(predict, "resolve_device", lambda device: torch.device("cuda"))
+    with pytest.raises(ValueError, match="--workers 2 runs 2 CPU processes"):
+        predict_cohort([folder], tmp_path / "out", weights=str(weights), device="cuda", workers=2)
 
 
 def test_another_scan_into_the_same_folder_is_not_taken_for_done(tmp_path, weights):
