@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from .geometry import slices_to_volume, through_plane_axis, volume_to_slices
 from .inference import VolumePredictor, resolve_device
@@ -203,8 +204,6 @@ _worker_predictor: VolumePredictor | None = None
 
 def _start_worker(settings: Settings, threads: int) -> None:
     global _worker_predictor
-    import torch
-
     from .allocator import keep_freed_memory
 
     keep_freed_memory()
@@ -224,8 +223,6 @@ def run_in_workers(cases: list[Case], settings: Settings, workers: int) -> Itera
     development CPU, 2 workers of 1 thread each finished 4 volumes of 256x256x50 in less time than one process
     with 2 threads (figures in README.md). Each worker holds its own model and volume, so memory grows with them.
     """
-    import torch
-
     if resolve_device(settings.device).type != "cpu":
         raise ValueError(f"--workers {workers} runs {workers} CPU processes, but the model would run on a GPU; "
                          "a GPU takes one case at a time (--workers 1), or choose --device cpu.")
