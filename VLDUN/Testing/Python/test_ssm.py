@@ -333,6 +333,45 @@ def test_selective_scan_rejects_bad_shapes(name: str, shape: tuple[int, ...]) ->
         selective_scan(**inputs)
 
 
+@pytest.mark.parametrize("kind", ["bimamba2d", "mamba_block"])
+def test_kernel_layout_computes_what_the_token_layout_does(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """The (b, d, L) path that feeds mamba_ssm's kernel, run here on the PyTorch scan: same values and gradients."""
+    torch.manual_seed(0)
+    layer = BiMamba2D(8, d_state=4, expand=1.5, backend="torch") if kind == "bimamba2d" else MambaBlock(8, d_state=4)
+    shape = (2, 8, 9, 13) if kind == "bimamba2d" else (2, 117, 8)
+    inputs = torch.randn(shape, requires_grad=True)
+    results = []
+    for kernel_layout in (False, True):
+        monkeypatch.setattr(ssm._DirectionalSSM, "uses_kernel", lambda self, tensor: kernel_layout)
+        out = layer(inputs)
+        results.append((out, torch.autograd.grad(out.square().sum(), [inputs, *layer.parameters()])))
+    (tokens, token_grads), (channels, channel_grads) = results
+    torch.testing.assert_close(channels, tokens, rtol=0, atol=1e-5)
+    for got, expected in zip(channel_grads, token_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_gets_every_sequence_without_a_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mamba_ssm copies any sequence whose stride along L is not 1; BiMamba2D must hand it none such."""
+    strides = []
+
+    def kernel(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, **kwargs) -> Tensor:
+        strides.extend(x.stride(-1) for x in (u, delta, B, C, z))
+        return selective_scan(u, delta, A, B, C, D, z, **kwargs, backend="torch")
+
+    monkeypatch.setattr(ssm, "_cuda_selective_scan", lambda: kernel)
+    monkeypatch.setattr(ssm, "_resolve_backend", lambda u, backend: "torch" if backend == "torch" else "cuda")
+    torch.manual_seed(0)
+    layer = BiMamba2D(8, d_state=4, expand=1.5)
+    image = torch.randn(2, 8, 9, 13)
+    with torch.no_grad():
+        out = layer(image)
+    assert strides == [1] * 10
+    monkeypatch.setattr(ssm, "_resolve_backend", lambda u, backend: "torch")
+    with torch.no_grad():
+        torch.testing.assert_close(out, layer(image), rtol=0, atol=1e-5)
+
+
 @pytest.mark.skipif(not cuda_scan_available(), reason="needs a GPU and an importable mamba_ssm")
 def test_cuda_kernel_matches_torch_scan() -> None:
     inputs = {k: v.detach().cuda().requires_grad_() for k, v in scan_inputs(2, 16, 8, 1000).items()}
