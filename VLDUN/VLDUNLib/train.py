@@ -60,6 +60,9 @@ class StageConfig:
     warmup: int = 50
 
 
+REC_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
+
+
 @dataclass
 class RunConfig:
     """One training run; written beside its outputs so every model says how it was made."""
@@ -83,6 +86,10 @@ class RunConfig:
     primitive_fraction: float = 0.25
     """Share of stage-2 batches degraded by a primitive (noise, blur, ...) instead of the undersampling protocol."""
     rec_weight: float = 1.0
+    rec_loss: str = "l1"
+    """Restoration loss, "l1" or "mse". L1's pull towards the median kept VL-DUN's restoration of CT at its
+    input: where the features cannot yet predict the residual, zero is L1-optimal and every pixel's gradient is a
+    sign that cancels out (see MODEL_CARD.md). MSE pulls towards the mean, the quantity PSNR measures."""
     seg_weight: float = 1.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
@@ -103,6 +110,8 @@ class RunConfig:
         if isinstance(self.joint, dict):
             self.joint = StageConfig(**self.joint)
         Augmentation.from_config(self.augment)
+        if self.rec_loss not in REC_LOSSES:
+            raise ValueError(f"rec_loss must be one of {sorted(REC_LOSSES)}; got {self.rec_loss!r}")
 
 
 def load_run_config(path: Path) -> RunConfig:
@@ -244,7 +253,7 @@ class Trainer:
             out = self.net(degraded, prior)
         losses: dict[str, torch.Tensor] = {}
         if out.restored is not None:
-            losses["rec"] = self.run.rec_weight * F.l1_loss(out.restored.float(), clean)
+            losses["rec"] = self.run.rec_weight * REC_LOSSES[self.run.rec_loss](out.restored.float(), clean)
         if out.seg_logits is not None:
             losses["seg"] = self.run.seg_weight * segmentation_loss(
                 out.seg_logits, batch["label"].to(self.device), batch["class_mask"].to(self.device)

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
@@ -298,6 +299,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
         (["d", "o"], "data"),
         ({"data": ["d"], "out": "o", "augment": {"zoom": [1.25, 0.8]}}, "zoom"),
         ({"data": ["d"], "out": "o", "augment": {"scale": [0.8, 1.25]}}, "scale"),
+        ({"data": ["d"], "out": "o", "rec_loss": "l2"}, "rec_loss"),
     ],
 )
 def test_bad_run_configs_raise_value_errors_naming_the_file(tmp_path: Path, settings: Any, hint: str) -> None:
@@ -409,3 +411,13 @@ def test_the_configs_augmentation_reaches_the_training_slices_only(data: list[Pa
     trainer = train.Trainer(load_run_config(write_config(tmp_path, settings)))
     assert trainer.train_set.augmentation == Augmentation(zoom=(0.9, 1.1), gamma=(0.8, 1.2))
     assert all(not v.augment for v in trainer.slices.validation.values())
+
+
+def test_the_configured_restoration_loss_is_the_one_used(data: list[Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    used = []
+    monkeypatch.setitem(train.REC_LOSSES, "mse", lambda a, b: used.append((a.shape, b.shape)) or F.mse_loss(a, b))
+    trainer = train.Trainer(RunConfig(**{**run_settings(data[:1], tmp_path / "run"), "rec_loss": "mse"}))
+    trainer.net = trainer.model
+    losses = trainer.joint_step(trainer.batch("joint", 0, 2), train.step_generator(3, "joint", 0, 0))
+    assert used == [((2, 1, 16, 16), (2, 1, 16, 16))] and losses["rec"] > 0
