@@ -421,3 +421,24 @@ def test_the_configured_restoration_loss_is_the_one_used(data: list[Path], tmp_p
     trainer.net = trainer.model
     losses = trainer.joint_step(trainer.batch("joint", 0, 2), train.step_generator(3, "joint", 0, 0))
     assert used == [((2, 1, 16, 16), (2, 1, 16, 16))] and losses["rec"] > 0
+
+
+def test_psnr_loss_is_minus_the_mean_per_slice_psnr() -> None:
+    from VLDUNLib.metrics import psnr
+
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.rand(3, 1, 32, 32, generator=generator)
+    restored = (clean + torch.randn(3, 1, 1, 1, generator=generator).abs() * 0.1
+                * torch.randn(clean.shape, generator=generator)).clamp(0, 1)
+    expected = -float(np.mean([psnr(restored[i, 0], clean[i, 0]) for i in range(3)]))
+    assert float(train.negative_psnr_loss(restored, clean)) == pytest.approx(expected, abs=1e-4)
+
+
+def test_psnr_loss_weighs_a_slice_by_its_relative_error() -> None:
+    """Halving either slice's error gains the same, however small that error already is (MSE: 100x apart)."""
+    clean = torch.zeros(2, 1, 8, 8)
+    error = torch.tensor([0.1, 0.01]).view(2, 1, 1, 1) * torch.ones(2, 1, 8, 8)
+    base = train.negative_psnr_loss(clean + error, clean)
+    gains = [float(base - train.negative_psnr_loss(clean + error * torch.tensor(s).view(2, 1, 1, 1), clean))
+             for s in ([0.5, 1.0], [1.0, 0.5])]
+    assert gains[0] == pytest.approx(gains[1], rel=1e-5) and gains[0] > 0
