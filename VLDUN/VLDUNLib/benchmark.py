@@ -363,7 +363,8 @@ def graph_replay(forward: Callable[[torch.Tensor], object], x: torch.Tensor) -> 
     """The bf16 forward captured once in a CUDA graph; each call replays it and waits for the GPU.
 
     At batch 1 a GPU waits on Python: the paper preset launches 1,646 kernels holding 6.8 ms of GPU work
-    in a 37 ms eager pass on an H100; the replay skips the launches (7.1 ms there). Capture needs warm-up
+    in a 37 ms eager pass on an H100; the replay skips the launches (7.1 ms there, 5.7 ms since the Bi-Mamba
+    layers work in the kernel's layout; eager 33-62 ms, set by the host). Capture needs warm-up
     passes on a side stream first (cuDNN picks its algorithms there) and a forward with no host sync.
     """
     call = timed_call(forward, x, bf16=True)

@@ -442,3 +442,12 @@ def test_psnr_loss_weighs_a_slice_by_its_relative_error() -> None:
     gains = [float(base - train.negative_psnr_loss(clean + error * torch.tensor(s).view(2, 1, 1, 1), clean))
              for s in ([0.5, 1.0], [1.0, 0.5])]
     assert gains[0] == pytest.approx(gains[1], rel=1e-5) and gains[0] > 0
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).parents[2] / "Resources" / "Models").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_the_committed_run_configs_load(config: Path) -> None:
+    """The model card's commands reproduce its runs only if every committed config still parses."""
+    run = load_run_config(config)
+    assert [Path(d).name for d in run.data] == [
+        "Dataset001_ACDC", "Dataset002_BraTS2015", "Dataset003_COVID19CT", "Dataset004_AbdomenCT"]
