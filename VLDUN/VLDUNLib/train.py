@@ -98,9 +98,9 @@ class RunConfig:
     """Share of stage-2 batches degraded by a primitive (noise, blur, ...) instead of the undersampling protocol."""
     rec_weight: float = 1.0
     rec_loss: str = "l1"
-    """Restoration loss, "l1", "mse" or "psnr" (`negative_psnr_loss`). L1's pull towards the median kept VL-DUN's restoration of CT at its
-    input: where the features cannot yet predict the residual, zero is L1-optimal and every pixel's gradient is a
-    sign that cancels out (see MODEL_CARD.md). MSE pulls towards the mean, the quantity PSNR measures."""
+    """Restoration loss: "l1", "mse" or "psnr" (`negative_psnr_loss`). Under L1 a zero residual is optimal wherever
+    the features cannot yet predict it, and each pixel's gradient is a sign that cancels out; MSE pulls towards the
+    mean, which PSNR measures; "psnr" also weighs CT's small errors as much as MRI's (MODEL_CARD.md)."""
     seg_weight: float = 1.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
