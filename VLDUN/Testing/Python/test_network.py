@@ -12,22 +12,20 @@ from VLDUNLib.network import VLDUN, build_model, pad_to_multiple
 from VLDUNLib.unfolding import frequency_split
 
 
-def tiny_model(trained_head: bool = True, **overrides) -> VLDUN:
-    """A small model; `trained_head` gives the restoration head's zero-initialised last conv weights, as training does."""
+def tiny_model(**overrides) -> VLDUN:
     torch.manual_seed(0)
-    model = VLDUN(tiny_config(**overrides))
-    if trained_head and model.rec_head is not None:
-        torch.nn.init.normal_(model.rec_head.refine[-1].weight, std=0.1)
-    return model
+    return VLDUN(tiny_config(**overrides))
 
 
-def test_untrained_restoration_head_returns_the_input():
-    model = tiny_model(trained_head=False).eval()
-    x = torch.rand(2, 1, 17, 23)
-    with torch.no_grad():
-        out = model(x)
-    assert torch.equal(out.restored, x)
-    assert out.seg_logits.abs().sum() > 0
+def test_restoration_loss_reaches_the_trunk_from_the_first_step():
+    """With a zero-initialised last layer the trunk got no restoration gradient and, from scratch, never restored."""
+    model = tiny_model().train()
+    x = torch.rand(2, 1, 16, 16)
+    out = model(x)
+    (out.restored - x).square().mean().backward()
+    assert model.embed.weight.grad.abs().max() > 1e-6
+    assert model.rec_head.expand[0].weight.grad.abs().max() > 1e-6
+    assert not torch.equal(out.restored, x)
 
 
 @pytest.mark.parametrize("size", [(17, 23), (32, 32), (9, 40), (1, 1)])
