@@ -12,7 +12,8 @@ then averaged over cases; a class absent from both prediction and reference in a
 When a dataset is one the model was trained on (same folder name), only its held-out validation
 cases are evaluated; otherwise every case is, and modality accuracy is replaced by the share of
 cases flagged as unlike the training data. `cases.csv` lists every case with its own figures and what
-the prior detected, to find the scans a mean hides.
+the prior detected, to find the scans a mean hides; `degradation_confusion` in metrics.json (and the last
+table of table.md) says which degradations the prior takes for which.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import csv
 import hashlib
 import json
 from argparse import Namespace
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -153,7 +155,7 @@ class Evaluator:
         if logits and reference is not None and dataset.short_name in self.info.dataset_classes:
             result["labels"] = self.dataset_labels(torch.cat(logits), dataset.short_name)
             result["reference"] = reference
-        result["degradation_hits"] = self.degradation_hits(clean[rep], dataset.imaging, seed)
+        result["degradation_trials"] = self.degradation_trials(clean[rep], dataset.imaging, seed)
         return result
 
     def dataset_labels(self, logits: torch.Tensor, short_name: str) -> np.ndarray:
@@ -161,15 +163,16 @@ class Evaluator:
         ids = torch.tensor([0] + self.info.dataset_classes[short_name])
         return logits.index_select(1, ids).argmax(1).numpy().astype(np.uint8)
 
-    def degradation_hits(self, clean: torch.Tensor, imaging: str, seed: int) -> list[bool]:
-        hits = []
+    def degradation_trials(self, clean: torch.Tensor, imaging: str, seed: int) -> list[tuple[str, str]]:
+        """(true, detected) degradation names of the known-label trials; none for a model without a prior."""
+        trials = []
         device = self.predictor.device
         for label, degraded in primitive_trials(clean, imaging, self.protocol, seed):
             prior = self.predictor.slice_prior(degraded.to(device))
             if prior is None:
                 return []
-            hits.append(int(prior.degradation_probs.argmax()) == label)
-        return hits
+            trials.append((DEGRADATIONS[label], DEGRADATIONS[int(prior.degradation_probs.argmax())]))
+        return trials
 
     def evaluate(self, dataset: DatasetInfo, max_cases: int | None, montage_dir: Path | None) -> dict[str, Any]:
         cases = self.cases(dataset, max_cases)
@@ -202,7 +205,7 @@ def summarise_case(result: dict[str, Any], class_names: dict[int, str]) -> dict[
         "truth": result["truth"],
         "modality_correct": det.modality == result["truth"],
         "ood": det.out_of_distribution,
-        "degradation_hits": result["degradation_hits"],
+        "degradation_trials": result["degradation_trials"],
     }
     if "labels" in result:
         pred, ref = result["labels"], result["reference"]
@@ -253,9 +256,19 @@ def aggregate(rows: list[dict[str, Any]], cases: int, modalities: tuple[str, ...
     known = has_prior and all(r["truth"] in modalities for r in rows)
     out["modality_accuracy"] = mean_defined([float(r["modality_correct"]) for r in rows]) if known else None
     out["ood_fraction"] = mean_defined([float(r["ood"]) for r in rows]) if has_prior else None
-    hits = [h for r in rows for h in r["degradation_hits"]]
-    out["degradation_accuracy"] = float(np.mean(hits)) if hits else None
+    trials = [t for r in rows for t in r["degradation_trials"]]
+    out["degradation_accuracy"] = float(np.mean([truth == seen for truth, seen in trials])) if trials else None
+    out["degradation_confusion"] = confusion(trials) if trials else None
     return out
+
+
+def confusion(trials: list[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    """{true degradation: {detected: count}}: which look-alikes the prior mixes up (blur and low resolution, say)."""
+    counts = Counter(trials)
+    table: dict[str, dict[str, int]] = {}
+    for truth, seen in sorted(counts, key=lambda pair: (DEGRADATIONS.index(pair[0]), DEGRADATIONS.index(pair[1]))):
+        table.setdefault(truth, {})[seen] = counts[truth, seen]
+    return table
 
 
 def save_montage(results: list[dict[str, Any]], path: Path) -> None:
@@ -310,6 +323,29 @@ def comparison(report: dict[str, Any]) -> str:
         cells = [difference(model.get(k), peer.get(k), digits) for k, digits in (("psnr", 2), ("ssim", 4), ("dice_mean", 4))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def degradation_table(report: dict[str, Any]) -> str:
+    """Per dataset and true degradation: trials detected right, and what the prior took the others for most often."""
+    entries = {n: e["degradation_confusion"] for n, e in report["datasets"].items() if e.get("degradation_confusion")}
+    if not entries:
+        return ""
+    lines = ["", "Degradation prior, right / trials (most frequent wrong detection):", "",
+             "| Dataset | " + " | ".join(DEGRADATIONS) + " |", "|---|" + "---|" * len(DEGRADATIONS)]
+    for name, table in entries.items():
+        lines.append(f"| {name} | " + " | ".join(confusion_cell(table.get(d, {}), d) for d in DEGRADATIONS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def confusion_cell(detected: dict[str, int], truth: str) -> str:
+    if not detected:
+        return "-"
+    cell = f"{detected.get(truth, 0)}/{sum(detected.values())}"
+    wrong = {seen: n for seen, n in detected.items() if seen != truth}
+    if wrong:
+        seen = max(wrong, key=wrong.get)
+        cell += f" ({wrong[seen]} {seen})"
+    return cell
 
 
 def difference(a: float | None, b: float | None, digits: int) -> str:
@@ -373,7 +409,7 @@ def write_report(
             report["datasets"][d.name]["baseline"] = peer.evaluate(d, max_cases, None)["model"]
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     write_case_table(out / "cases.csv", evaluator.case_rows)
-    text = markdown_table(report) + (comparison(report) if baseline is not None else "")
+    text = markdown_table(report) + (comparison(report) if baseline is not None else "") + degradation_table(report)
     (out / "table.md").write_text(f"Protocol: {protocol.describe()}\n\nWeights: {weights_name}"
                                   f"{MIRROR_NOTE if predictor.mirror else ''}\n\n" + text)
     print(text)

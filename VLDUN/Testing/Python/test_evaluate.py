@@ -9,7 +9,7 @@ import pytest
 
 from model_factory import tiny_predictor
 from VLDUNLib.data import read_dataset
-from VLDUNLib.evaluate import Protocol, check_ablation, write_report
+from VLDUNLib.evaluate import Protocol, check_ablation, confusion, confusion_cell, write_report
 
 from model_factory import DATA
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
@@ -35,6 +35,26 @@ def test_metrics_json_has_the_documented_shape(report):
     assert "Cartesian undersampling, acceleration 4" in saved["protocol"]
 
 
+def test_degradation_confusion_counts_every_trial_and_agrees_with_the_accuracy(report):
+    """Five known-label trials a case: the four primitives and the dataset's own protocol (MRI or CT)."""
+    _, result = report
+    for name, protocol in (("Dataset001_ACDC", "undersampling"), ("Dataset003_COVID19CT", "sparse_view")):
+        entry = result["datasets"][name]
+        table = entry["degradation_confusion"]
+        assert set(table) == {"noise", "blur", "motion", "low_resolution", protocol}
+        assert sum(sum(seen.values()) for seen in table.values()) == 5
+        right = sum(seen.get(truth, 0) for truth, seen in table.items())
+        assert entry["degradation_accuracy"] == pytest.approx(right / 5)
+
+
+def test_confusion_cell_names_the_most_frequent_mistake():
+    table = confusion([("blur", "blur")] * 4 + [("blur", "low_resolution")] * 5 + [("blur", "noise")] + [("noise", "noise")])
+    assert table == {"noise": {"noise": 1}, "blur": {"blur": 4, "low_resolution": 5, "noise": 1}}
+    assert confusion_cell(table["blur"], "blur") == "4/10 (5 low_resolution)"
+    assert confusion_cell(table["noise"], "noise") == "1/1"
+    assert confusion_cell({}, "motion") == "-"
+
+
 def test_dataset_unknown_to_the_model_reports_ood_instead_of_accuracy(report):
     _, result = report
     covid = result["datasets"]["Dataset003_COVID19CT"]
@@ -47,6 +67,7 @@ def test_table_and_montages_are_written(report):
     out, _ = report
     table = (out / "table.md").read_text()
     assert "| Degraded input |" in table and "Dataset001_ACDC PSNR" in table
+    assert "Degradation prior, right / trials" in table and "| Dataset003_COVID19CT |" in table
     assert (out / "montages" / "Dataset001_ACDC.png").stat().st_size > 1000
 
 
@@ -94,6 +115,7 @@ def test_model_without_prior_has_no_modality_figures(tmp_path):
                           Protocol(size=48), tmp_path, max_cases=1, weights_name="unet")
     entry = result["datasets"]["Dataset001_ACDC"]
     assert entry["modality_accuracy"] is None and entry["ood_fraction"] is None and entry["degradation_accuracy"] is None
+    assert entry["degradation_confusion"] is None and "Degradation prior" not in (tmp_path / "table.md").read_text()
 
 
 def test_native_protocol_keeps_the_scan_resolution_and_segments_at_the_training_scale():
