@@ -112,6 +112,9 @@ class RunConfig:
     clip_weights: str | None = None
     init_weights: str | None = None
     """A VLDUN .safetensors to start from (fine-tuning): tensors whose name and shape match are copied."""
+    init_modules: list[str] | None = None
+    """With `init_weights`, copy only these top-level parts of the model ([prior]: stage 2 from scratch on a tuned
+    prior, so that a GPU run spends its minutes on the network)."""
     amp: bool = True
     """bf16 autocast on CUDA (ignored on the CPU, where bf16 is slower here)."""
 
@@ -121,6 +124,8 @@ class RunConfig:
         if isinstance(self.joint, dict):
             self.joint = StageConfig(**self.joint)
         Augmentation.from_config(self.augment)
+        if self.init_modules is not None and not self.init_weights:
+            raise ValueError("init_modules names parts of init_weights; add `init_weights:` (a VLDUN .safetensors).")
         if self.rec_loss not in REC_LOSSES:
             raise ValueError(f"rec_loss must be one of {sorted(REC_LOSSES)}; got {self.rec_loss!r}")
 
@@ -291,8 +296,9 @@ class Trainer:
     def start_from_init_weights(self) -> None:
         """Fine-tuning start; a resumed run skips it (its checkpoint has every tensor), so the file may be gone."""
         if self.run.init_weights:
-            fresh = load_matching_weights(self.model, self.run.init_weights)
-            print(f"Started from {self.run.init_weights}; {len(fresh)} tensors kept their fresh initialisation: {fresh}")
+            fresh = load_matching_weights(self.model, self.run.init_weights, self.run.init_modules)
+            shown = fresh if len(fresh) <= 20 else f"all of {sorted({key.split('.')[0] for key in fresh})}"
+            print(f"Started from {self.run.init_weights}; {len(fresh)} tensors kept their fresh initialisation: {shown}")
 
     def run_stage(self, stage: str, first: int, resumed: dict[str, Any] | None) -> None:
         cfg = self.run.prior if stage == "prior" else self.run.joint

@@ -167,18 +167,24 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     return model.to(device).eval(), info
 
 
-def load_matching_weights(model: torch.nn.Module, path: str | Path) -> list[str]:
+def load_matching_weights(model: torch.nn.Module, path: str | Path, modules: list[str] | None = None) -> list[str]:
     """Start `model` from verified weights: copy every tensor whose name and shape match; return the model's others.
 
     Fine-tuning the shipped model on new data (other classes, a changed head) keeps what still fits and leaves
     the rest at its fresh initialisation, as nnU-Net does with pretrained weights; the caller reports the list.
+    `modules` limits the copy to those top-level submodules (["prior"]: a new network on a tuned prior).
     """
     path, _ = read_model_info(path)
     own = model.state_dict()
+    if modules is not None:
+        known = {key.split(".")[0] for key in own}
+        if unknown := sorted(set(modules) - known):
+            raise WeightsError(f"init_modules {unknown} are not parts of this model; choose from {sorted(known)}.")
+        own = {key: value for key, value in own.items() if key.split(".")[0] in modules}
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         state = {key: handle.get_tensor(key) for key in handle.keys() if key in own}
     state = {key: tensor for key, tensor in state.items() if tensor.shape == own[key].shape}
     if not state:
         raise WeightsError(f"{path.name} shares no tensor with this model; is it a model of another architecture?")
     model.load_state_dict(state, strict=False)
-    return sorted(set(own) - set(state))
+    return sorted(set(model.state_dict()) - set(state))

@@ -300,6 +300,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
         ({"data": ["d"], "out": "o", "augment": {"zoom": [1.25, 0.8]}}, "zoom"),
         ({"data": ["d"], "out": "o", "augment": {"scale": [0.8, 1.25]}}, "scale"),
         ({"data": ["d"], "out": "o", "rec_loss": "l2"}, "rec_loss"),
+        ({"data": ["d"], "out": "o", "init_modules": ["prior"]}, "init_weights"),
     ],
 )
 def test_bad_run_configs_raise_value_errors_naming_the_file(tmp_path: Path, settings: Any, hint: str) -> None:

@@ -112,6 +112,19 @@ def test_fine_tuning_start_keeps_every_tensor_that_fits(saved):
     assert not torch.equal(source[head[0]][:1], target[head[0]][:1])
 
 
+def test_fine_tuning_start_can_take_the_prior_alone(saved):
+    model, path = saved
+    torch.manual_seed(1)
+    other = VLDUN(tiny_config())
+    fresh = load_matching_weights(other, path, ["prior"])
+    source, target = model.state_dict(), other.state_dict()
+    assert fresh == sorted(k for k in target if not k.startswith("prior.")) and fresh
+    assert all(torch.equal(source[k], target[k]) for k in target if k.startswith("prior."))
+    assert not torch.equal(source["embed.weight"], target["embed.weight"])
+    with pytest.raises(WeightsError, match=r"\['priors'\] are not parts of this model"):
+        load_matching_weights(other, path, ["priors"])
+
+
 def test_fine_tuning_from_another_architecture_is_refused(saved):
     _, path = saved
     with pytest.raises(WeightsError, match="shares no tensor"):
