@@ -175,16 +175,16 @@ def load_matching_weights(model: torch.nn.Module, path: str | Path, modules: lis
     `modules` limits the copy to those top-level submodules (["prior"]: a new network on a tuned prior).
     """
     path, _ = read_model_info(path)
-    own = model.state_dict()
+    own = everything = model.state_dict()
     if modules is not None:
-        known = {key.split(".")[0] for key in own}
+        known = {key.split(".")[0] for key in everything}
         if unknown := sorted(set(modules) - known):
             raise WeightsError(f"init_modules {unknown} are not parts of this model; choose from {sorted(known)}.")
-        own = {key: value for key, value in own.items() if key.split(".")[0] in modules}
+        own = {key: value for key, value in everything.items() if key.split(".")[0] in modules}
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         state = {key: handle.get_tensor(key) for key in handle.keys() if key in own}
     state = {key: tensor for key, tensor in state.items() if tensor.shape == own[key].shape}
     if not state:
         raise WeightsError(f"{path.name} shares no tensor with this model; is it a model of another architecture?")
     model.load_state_dict(state, strict=False)
-    return sorted(set(model.state_dict()) - set(state))
+    return sorted(set(everything) - set(state))
