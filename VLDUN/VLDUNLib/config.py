@@ -83,6 +83,8 @@ class VLDUNConfig:
     """Ablation "w/o FD": Bi-Mamba and GDFN both see the whole feature map (Eq. 4 skipped)."""
     seg_head: bool = True
     rec_head: bool = True
+    rec_hidden: int = 8
+    """Channels of the restoration head's full-resolution refinement, the only layers that see every pixel."""
 
     def __post_init__(self) -> None:
         self.blocks = tuple(self.blocks)

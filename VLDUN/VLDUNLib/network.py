@@ -116,7 +116,7 @@ class VLDUN(nn.Module):
         self.merge = nn.ModuleList(nn.Conv2d(2 * widths[level], widths[level], 1) for level in range(c.levels - 1))
         self.decoder = nn.ModuleList(stage(level) for level in range(c.levels - 1))
         unshuffle = c.stem_stride**2
-        self.rec_head = RestorationHead(widths[0], c.in_channels, c.stem_stride) if c.rec_head else None
+        self.rec_head = RestorationHead(widths[0], c.in_channels, c.stem_stride, c.rec_hidden) if c.rec_head else None
         self.seg_head = (
             nn.Sequential(
                 nn.Conv2d(widths[0], widths[0], 3, padding=1),

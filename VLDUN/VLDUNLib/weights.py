@@ -172,6 +172,7 @@ def load_matching_weights(model: torch.nn.Module, path: str | Path, modules: lis
 
     Fine-tuning the shipped model on new data (other classes, a changed head) keeps what still fits and leaves
     the rest at its fresh initialisation, as nnU-Net does with pretrained weights; the caller reports the list.
+    A wider restoration head (`rec_hidden`) starts as the file's head, so the model starts where the file ended.
     `modules` limits the copy to those top-level submodules (["prior"]: a new network on a tuned prior).
     """
     path, _ = read_model_info(path)
@@ -183,8 +184,36 @@ def load_matching_weights(model: torch.nn.Module, path: str | Path, modules: lis
         own = {key: value for key, value in everything.items() if key.split(".")[0] in modules}
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         state = {key: handle.get_tensor(key) for key in handle.keys() if key in own}
+    state = widen_restoration_head(state, own)
     state = {key: tensor for key, tensor in state.items() if tensor.shape == own[key].shape}
     if not state:
         raise WeightsError(f"{path.name} shares no tensor with this model; is it a model of another architecture?")
     model.load_state_dict(state, strict=False)
     return sorted(set(everything) - set(state))
+
+
+def widen_restoration_head(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's restoration head inside a wider one of `own`'s shapes, computing the same image (net2wider).
+
+    Its channels come first and keep their weights; the new channels get `own`'s random input weights and
+    zero output weights, so they are silent at the start yet receive gradients from the first step. A file
+    whose head is as wide or wider is returned unchanged (a narrower head starts fresh).
+    """
+    out_key = "rec_head.refine.2.weight"
+    if out_key not in state or out_key not in own:
+        return state
+    old, new = state[out_key].shape[1], own[out_key].shape[1]
+    if new <= old:
+        return state
+    shuffle = own["rec_head.expand.0.weight"].shape[0] // new
+    widened = {key: own[key].clone() for key in own if key.startswith("rec_head.")}
+    for key in ("rec_head.expand.0.weight", "rec_head.expand.0.bias", "rec_head.refine.0.bias"):
+        rows = old * shuffle if "expand" in key else old
+        widened[key][:rows] = state[key]
+    first, source = widened["rec_head.refine.0.weight"], state["rec_head.refine.0.weight"]
+    first[:old] = 0
+    first[:old, :old] = source[:, :old]  # old channels from old channels
+    first[:old, new:] = source[:, old:]  # and from the degraded image, the last input
+    widened[out_key].zero_()[:, :old] = state[out_key]
+    widened["rec_head.refine.2.bias"] = state["rec_head.refine.2.bias"]
+    return {**state, **widened}

@@ -28,6 +28,19 @@ def test_restoration_loss_reaches_the_trunk_from_the_first_step():
     assert not torch.equal(out.restored, x)
 
 
+def test_restoration_head_width_is_configurable():
+    """`rec_hidden` sizes the full-resolution refinement; configs written before it keep the 8 they were trained with."""
+    model = tiny_model(rec_hidden=16).eval()
+    stride = model.config.stem_stride
+    assert model.rec_head.expand[0].out_channels == 16 * stride**2
+    assert model.rec_head.refine[0].in_channels == 16 + 1 and model.rec_head.refine[2].in_channels == 16
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, 20, 20)).restored.shape == (1, 1, 20, 20)
+    legacy = tiny_config().to_dict()
+    del legacy["rec_hidden"]
+    assert type(tiny_config()).from_dict(legacy).rec_hidden == 8
+
+
 @pytest.mark.parametrize("size", [(17, 23), (32, 32), (9, 40), (1, 1)])
 def test_output_shapes_for_any_size(size):
     model = tiny_model().eval()

@@ -112,6 +112,21 @@ def test_fine_tuning_start_keeps_every_tensor_that_fits(saved):
     assert not torch.equal(source[head[0]][:1], target[head[0]][:1])
 
 
+def test_a_wider_restoration_head_starts_as_the_files_head(saved):
+    """Widening the full-resolution head for fine-tuning must not throw away what the file had learned."""
+    model, path = saved
+    torch.manual_seed(1)
+    wider = VLDUN(tiny_config(rec_hidden=16)).eval()
+    fresh = load_matching_weights(wider, path)
+    assert fresh == []
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(wider(x).restored, model(x).restored, atol=1e-6, rtol=0)
+    wider(x).restored.square().mean().backward()
+    assert wider.rec_head.refine[2].weight.grad[:, 8:].abs().max() > 0
+    assert wider.rec_head.refine[0].weight[8:].abs().max() > 0
+
+
 def test_fine_tuning_start_can_take_the_prior_alone(saved):
     model, path = saved
     torch.manual_seed(1)
