@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from model_factory import tiny_config
-from VLDUNLib.config import ABLATIONS, make_config
+from VLDUNLib.config import ABLATIONS, VLDUNConfig, make_config
 from VLDUNLib.network import VLDUN, build_model, pad_to_multiple
 from VLDUNLib.unfolding import frequency_split
 
@@ -38,7 +38,7 @@ def test_restoration_head_width_is_configurable():
         assert model(torch.rand(1, 1, 20, 20)).restored.shape == (1, 1, 20, 20)
     legacy = tiny_config().to_dict()
     del legacy["rec_hidden"]
-    assert type(tiny_config()).from_dict(legacy).rec_hidden == 8
+    assert VLDUNConfig.from_dict(legacy).rec_hidden == 8
 
 
 @pytest.mark.parametrize("size", [(17, 23), (32, 32), (9, 40), (1, 1)])
