@@ -361,9 +361,8 @@ def _protocol_degradation(x: torch.Tensor, modality: str, generator: torch.Gener
     return undersample_mri(x, acceleration, center_fraction, pattern, generator)
 
 
-def _primitive_degradation(x: torch.Tensor, modality: str, generator: torch.Generator) -> Degraded:
-    """One visual primitive, uniformly chosen, at a random clinically plausible severity."""
-    kind = PRIMITIVES[_randint(generator, 0, len(PRIMITIVES) - 1)]
+def _primitive_degradation(x: torch.Tensor, modality: str, generator: torch.Generator, kind: str) -> Degraded:
+    """The visual primitive ``kind`` at a random clinically plausible severity."""
     if kind == "noise":
         noise = rician_noise if modality == "MRI" else gaussian_noise
         return noise(x, _uniform(generator, 0.02, 0.1), generator)
@@ -377,7 +376,11 @@ def _primitive_degradation(x: torch.Tensor, modality: str, generator: torch.Gene
 
 
 def random_degradation(
-    x: torch.Tensor, modality: Literal["MRI", "CT"], generator: torch.Generator, primitives: bool = True
+    x: torch.Tensor,
+    modality: Literal["MRI", "CT"],
+    generator: torch.Generator,
+    primitives: bool = True,
+    balanced: bool = False,
 ) -> Degraded:
     """Draw one training degradation for the whole batch (one label per call).
 
@@ -388,11 +391,18 @@ def random_degradation(
     severities for images in [0, 1]:
     noise sigma 0.02-0.1 (Rician for MRI, Gaussian for CT); blur Gaussian sigma 0.8-2.0 px or
     defocus radius 1.6-4.0 px (the same spread); motion up to 2-8 px displacement; low
-    resolution factor 2-4.
+    resolution factor 2-4. With ``balanced`` (and ``primitives``), each of the modality's five degradations,
+    the protocol and the four primitives, is drawn with probability 1/5: the prior's classification loss then
+    sees balanced classes instead of a protocol four times as frequent as each primitive, which pulled its
+    errors towards the protocol (noise and motion taken for sparse-view, MODEL_CARD.md).
     """
     _check_image(x)
     if modality not in ("MRI", "CT"):
         raise ValueError(f"modality must be 'MRI' or 'CT', got {modality!r}")
-    if primitives and _randint(generator, 0, 1):
-        return _primitive_degradation(x, modality, generator)
+    if primitives and balanced:
+        choice = _randint(generator, 0, len(PRIMITIVES))
+        if choice < len(PRIMITIVES):
+            return _primitive_degradation(x, modality, generator, PRIMITIVES[choice])
+    elif primitives and _randint(generator, 0, 1):
+        return _primitive_degradation(x, modality, generator, PRIMITIVES[_randint(generator, 0, len(PRIMITIVES) - 1)])
     return _protocol_degradation(x, modality, generator)

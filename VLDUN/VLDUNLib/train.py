@@ -29,6 +29,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,13 @@ class RunConfig:
     gamma, window, probability); empty: flips and turns only."""
     primitive_fraction: float = 0.25
     """Share of stage-2 batches degraded by a primitive (noise, blur, ...) instead of the undersampling protocol."""
+    prior_balanced: bool = False
+    """Stage 1 draws each of a modality's five degradations equally often (`random_degradation(balanced=True)`);
+    false: the protocol half the time, as runs before stop 23 were trained."""
+    joint_trainable: list[str] | None = None
+    """Stage 2 trains only the network parameters whose names match one of these `fnmatch` patterns, e.g.
+    `["*.attention.kv.*"]`: after a prior re-tune, only the projections that read its tokens follow it, and the
+    trunk and heads keep what they learned. None: the whole network."""
     rec_weight: float = 1.0
     rec_loss: str = "l1"
     """Restoration loss: "l1", "mse" or "psnr" (`negative_psnr_loss`). Under L1 a zero residual is optimal wherever
@@ -176,7 +184,12 @@ def learning_rate(stage: StageConfig, step: int, time_fraction: float = 0.0) -> 
 
 
 def degrade_batch(
-    clean: torch.Tensor, imaging: list[str], generator: torch.Generator, primitives: bool, chunk: int = 4
+    clean: torch.Tensor,
+    imaging: list[str],
+    generator: torch.Generator,
+    primitives: bool,
+    chunk: int = 4,
+    balanced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Degrade a batch in small chunks of one imaging type each, so one batch mixes several degradations.
 
@@ -190,7 +203,7 @@ def degrade_batch(
         idx = [i for i, k in enumerate(imaging) if k == kind]
         for start in range(0, len(idx), chunk):
             part = idx[start : start + chunk]
-            out = random_degradation(clean[part], kind, generator, primitives=primitives)
+            out = random_degradation(clean[part], kind, generator, primitives=primitives, balanced=balanced)
             degraded[part] = out.image
             labels[part] = out.label
     return degraded, labels
@@ -248,11 +261,27 @@ class Trainer:
         if stage == "prior":
             return [p for p in self.model.prior.parameters() if p.requires_grad]
         prior = {id(p) for p in self.model.prior.parameters()} if self.model.prior is not None else set()
-        return [p for p in self.model.parameters() if id(p) not in prior]
+        named = [(name, p) for name, p in self.model.named_parameters() if id(p) not in prior]
+        patterns = self.run.joint_trainable
+        if patterns is None:
+            return [p for _, p in named]
+        chosen = [p for name, p in named if any(fnmatch(name, pattern) for pattern in patterns)]
+        if not chosen:
+            raise ValueError(f"joint_trainable {patterns} matches no parameter of the network; names look like "
+                             f"{[name for name, _ in named[:3]]}")
+        return chosen
+
+    def freeze_all_but(self, params: list[nn.Parameter]) -> None:
+        """Stage 2 with `joint_trainable`: the other weights get no gradient, so backward skips their work."""
+        chosen = {id(p) for p in params}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in chosen)
 
     def prior_step(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         imaging = [self.imaging[m] for m in batch["modality"].tolist()]
-        degraded, deg_labels = degrade_batch(batch["clean"].to(self.device), imaging, generator, primitives=True)
+        degraded, deg_labels = degrade_batch(
+            batch["clean"].to(self.device), imaging, generator, primitives=True, balanced=self.run.prior_balanced
+        )
         out = self.net(degraded)
         mod = focal_loss(out.modality_logits, batch["modality"].to(self.device), self.run.focal_alpha, self.run.focal_gamma)
         deg = image_text_loss(out.degradation_logits, deg_labels.to(self.device))
@@ -303,6 +332,8 @@ class Trainer:
     def run_stage(self, stage: str, first: int, resumed: dict[str, Any] | None) -> None:
         cfg = self.run.prior if stage == "prior" else self.run.joint
         params = self.trainable(stage)
+        if stage == "joint" and self.run.joint_trainable is not None:
+            self.freeze_all_but(params)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if resumed is not None:
             load_optimizer(self.out, optimizer)

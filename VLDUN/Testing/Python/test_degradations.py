@@ -268,6 +268,19 @@ def test_random_degradation_covers_protocol_and_primitives() -> None:
         assert protocol == {DEGRADATIONS.index(name)}
 
 
+def test_balanced_draws_give_every_degradation_a_fifth() -> None:
+    """The prior's classes are balanced only with `balanced`; by default the protocol is half the draws."""
+    x = torch.rand(1, 1, 16, 16)
+    for modality, protocol in (("MRI", "undersampling"), ("CT", "sparse_view")):
+        balanced = [deg.random_degradation(x, modality, seeded(s), balanced=True).label for s in range(400)]
+        counts = torch.bincount(torch.tensor(balanced), minlength=len(DEGRADATIONS)).float() / len(balanced)
+        for name in (*deg.PRIMITIVES, protocol):
+            assert 0.14 < counts[DEGRADATIONS.index(name)] < 0.26, (modality, name, counts)
+        default = [deg.random_degradation(x, modality, seeded(s)).label for s in range(400)]
+        share = sum(label == DEGRADATIONS.index(protocol) for label in default) / len(default)
+        assert 0.43 < share < 0.57
+
+
 @pytest.mark.parametrize("name", list(IMAGE_FUNCTIONS))
 def test_odd_size_float64_input_untouched(name: str) -> None:
     x = torch.rand(2, 1, 37, 53, dtype=torch.float64, generator=seeded(16))

@@ -424,6 +424,32 @@ def test_the_configured_restoration_loss_is_the_one_used(data: list[Path], tmp_p
     assert used == [((2, 1, 16, 16), (2, 1, 16, 16))] and losses["rec"] > 0
 
 
+@pytest.mark.parametrize("balanced", [False, True])
+def test_prior_balanced_reaches_stage_one_degradations(data: list[Path], tmp_path: Path, balanced: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    draw = train.random_degradation
+    monkeypatch.setattr(train, "random_degradation", lambda *a, **k: seen.append(k["balanced"]) or draw(*a, **k))
+    trainer = train.Trainer(RunConfig(**{**run_settings(data[:1], tmp_path / "run"), "prior_balanced": balanced}))
+    trainer.net = trainer.model.prior
+    trainer.prior_step(trainer.batch("prior", 0, 2), train.step_generator(3, "prior", 0, 0))
+    assert seen and set(seen) == {balanced}
+
+
+def test_joint_trainable_moves_only_the_matching_weights(data: list[Path], tmp_path: Path) -> None:
+    settings = {**run_settings(data[:1], tmp_path / "run"), "joint_trainable": ["*.attention.kv.*"],
+                "joint": {"steps": 2, "batch_size": 2, "lr": 1e-2}}
+    trainer = train.Trainer(RunConfig(**settings))
+    trainer.out.mkdir(parents=True)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run_stage("joint", 0, None)
+    moved = {k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved and all(".attention.kv." in k for k in moved)
+    trainer.run.joint_trainable = ["no_such_layer.*"]
+    with pytest.raises(ValueError, match="matches no parameter"):
+        trainer.trainable("joint")
+
+
 def test_psnr_loss_is_minus_the_mean_per_slice_psnr() -> None:
     from VLDUNLib.metrics import psnr
 
