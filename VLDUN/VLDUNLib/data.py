@@ -776,7 +776,9 @@ class SliceDataset(Dataset):
     resized and padded to patch x patch (``resize_slices``); labels become global classes of the label space.
     Slices that are all zero after normalisation (outside the body or brain) are skipped and counted in
     ``skipped``. A multi-channel dataset gives one sample per channel and slice, each channel its own modality
-    class. Degradation is not applied here: it runs batched on the training device.
+    class. Degradation is not applied here: it runs batched on the training device. With ``native``, each sample
+    also keeps its normalised slice at the scan's own size (8-bit, as `prepared` stores images), from which
+    ``native_indices`` and ``native_slice`` give the prior tiles at the scale `inference.prior_tiles` reads.
     """
 
     def __init__(
@@ -787,6 +789,7 @@ class SliceDataset(Dataset):
         labels: LabelSpace | None = None,
         patch: int = 128,
         augment: bool = False,
+        native: bool = False,
     ) -> None:
         self.infos = {info.short_name: info for info in infos}
         self._set_spaces(
@@ -797,6 +800,7 @@ class SliceDataset(Dataset):
         )
         label_dtype = torch.uint8 if len(self.label_space.keys) <= 256 else torch.int32
         images, label_maps, meta, problems = [], [], [], []
+        self.native = [] if native else None
         for case in cases:
             for channel, modality in self._channels(case):
                 try:
@@ -828,7 +832,7 @@ class SliceDataset(Dataset):
         """Slices already at patch size (``images``, ``labels``, ``sample_dataset``, ``sample_modality``, as
         the attributes of that name): nothing is read, normalised or resized (``prepared.load``)."""
         dataset = cls.__new__(cls)
-        dataset.infos = {}
+        dataset.infos, dataset.native = {}, None
         dataset._set_spaces(modalities, labels, patch, augment)
         dataset.images, dataset.labels = tensors["images"], tensors["labels"]
         dataset.sample_dataset, dataset.sample_modality = tensors["sample_dataset"], tensors["sample_modality"]
@@ -867,6 +871,8 @@ class SliceDataset(Dataset):
         image = to_unit_range(normalize(volume[selection], window))
         keep = np.flatnonzero(image.reshape(len(image), -1).any(axis=1))
         self.skipped += len(image) - len(keep)
+        if self.native is not None:
+            self.native += list(torch.from_numpy(np.round(255 * np.clip(image[keep], 0, 1))).to(torch.uint8))
         images = torch.from_numpy(resize_slices(image[keep], self.patch, "image"))[:, None]
         local = resize_slices(label[selection][keep], self.patch, "label")
         labels = torch.from_numpy(self.label_space.to_global(case.dataset, local))
@@ -904,6 +910,23 @@ class SliceDataset(Dataset):
     def balanced_indices(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``count`` sample indices, each dataset drawn equally often on average regardless of its size."""
         return torch.multinomial(self.sample_weights(), count, replacement=True, generator=generator)
+
+    def native_indices(self, count: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``count`` indices of samples whose own slice is larger than ``size`` on a side (smaller ones are read
+        whole, as at patch size), each such dataset drawn equally often; empty when there are none."""
+        if self.native is None:
+            raise ValueError("This SliceDataset holds no slices at their own size: build it from the dataset folders "
+                             "with native=True (a prepared .vldun file keeps patch-size slices only)")
+        large = torch.tensor([max(s.shape) > size for s in self.native], dtype=torch.bool)
+        if count == 0 or not large.any():
+            return torch.zeros(0, dtype=torch.int64)
+        counts = torch.bincount(self.sample_dataset[large], minlength=len(self.datasets)).double()
+        weights = torch.where(large, 1.0 / counts.clamp_min(1)[self.sample_dataset], 0.0)
+        return torch.multinomial(weights, count, replacement=True, generator=generator)
+
+    def native_slice(self, index: int) -> torch.Tensor:
+        """Sample ``index`` at the scan's own size, (1, 1, H, W) float in [0, 1]."""
+        return self.native[int(index)][None, None].float() / 255
 
 
 def balanced_sampler(ds: SliceDataset, num_samples: int, seed: int) -> Sampler[int]:

@@ -61,8 +61,9 @@ def describe_case(case: CaseLike) -> str:
     return f"{case.case_id}[{case.start}:{case.stop}]" if isinstance(case, SliceRef) else case.case_id
 
 
-def from_folders(data: list[str], patch: int, val_fraction: float, seed: int) -> TrainingSlices:
-    """The slices of dataset folders, split per dataset by ``split_cases(val_fraction, seed)``."""
+def from_folders(data: list[str], patch: int, val_fraction: float, seed: int, native: bool = False) -> TrainingSlices:
+    """The slices of dataset folders, split per dataset by ``split_cases(val_fraction, seed)``; with ``native`` the
+    training slices also keep their own size (``SliceDataset``)."""
     infos = read_datasets(data)
     modalities, labels = modality_classes(infos), label_space(infos)
     splits = {info.name: split_cases(info, val_fraction, seed) for info in infos}
@@ -70,7 +71,7 @@ def from_folders(data: list[str], patch: int, val_fraction: float, seed: int) ->
     return TrainingSlices(
         modalities=modalities,
         labels=labels,
-        train=SliceDataset(infos, train_cases, modalities, labels, patch=patch, augment=True),
+        train=SliceDataset(infos, train_cases, modalities, labels, patch=patch, augment=True, native=native),
         validation={
             info.name: SliceDataset([info], splits[info.name][1], modalities, labels, patch=patch) for info in infos
         },
@@ -153,14 +154,17 @@ def load(path: str | Path) -> TrainingSlices:
     )
 
 
-def for_run(data: list[str], patch: int, val_fraction: float, seed: int) -> TrainingSlices:
-    """A run's training data: one prepared file, or dataset folders read now."""
+def for_run(data: list[str], patch: int, val_fraction: float, seed: int, native: bool = False) -> TrainingSlices:
+    """A run's training data: one prepared file, or dataset folders read now (``native``: see ``from_folders``)."""
     prepared = [d for d in data if d.endswith(SUFFIX)]
     if not prepared:
-        return from_folders(data, patch, val_fraction, seed)
+        return from_folders(data, patch, val_fraction, seed, native)
     if len(data) > 1:
         raise ValueError(f"A prepared file ({prepared[0]}) already holds every dataset of its run; give it alone "
                          "as `data:`, or list the dataset folders instead")
+    if native:
+        raise ValueError(f"{prepared[0]} holds slices at patch size only, and prior_native_fraction needs them at "
+                         "their own size: list the dataset folders as `data:`, or set prior_native_fraction: 0")
     slices = load(prepared[0])
     if (slices.patch, slices.val_fraction) != (patch, val_fraction):
         raise ValueError(f"{prepared[0]} was prepared with patch {slices.patch} and val_fraction "

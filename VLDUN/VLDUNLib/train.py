@@ -45,6 +45,7 @@ from tqdm import tqdm
 from . import prepared
 from .augmentation import Augmentation
 from .config import make_config
+from .data import SliceDataset, resize_images
 from .degradations import random_degradation
 from .network import build_model
 from .priors import focal_loss, image_text_loss
@@ -100,6 +101,10 @@ class RunConfig:
     prior_balanced: bool = False
     """Stage 1 draws each of a modality's five degradations equally often (`random_degradation(balanced=True)`);
     false: the protocol half the time, as runs before stop 23 were trained."""
+    prior_native_fraction: float = 0.0
+    """Share of each stage-1 batch that is tiles of training slices degraded at their own size (`native_tiles`),
+    what the prior reads of a scan in Slicer (`inference.prior_tiles`); the rest is slices at patch size. Needs the
+    dataset folders as `data:`. 0: patch size only, as runs before stop 24 were trained."""
     joint_trainable: list[str] | None = None
     """Stage 2 trains only the network parameters whose names match one of these `fnmatch` patterns, e.g.
     `["*.attention.kv.*"]`: after a prior re-tune, only the projections that read its tokens follow it, and the
@@ -134,6 +139,8 @@ class RunConfig:
         Augmentation.from_config(self.augment)
         if self.init_modules is not None and not self.init_weights:
             raise ValueError("init_modules names parts of init_weights; add `init_weights:` (a VLDUN .safetensors).")
+        if not 0.0 <= self.prior_native_fraction <= 1.0:
+            raise ValueError(f"prior_native_fraction is a share of the batch, 0 to 1; got {self.prior_native_fraction}")
         if self.rec_loss not in REC_LOSSES:
             raise ValueError(f"rec_loss must be one of {sorted(REC_LOSSES)}; got {self.rec_loss!r}")
 
@@ -209,6 +216,30 @@ def degrade_batch(
     return degraded, labels
 
 
+def native_tiles(
+    dataset: SliceDataset, count: int, size: int, imaging: list[str], generator: torch.Generator, balanced: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``count`` prior inputs (N, 1, size, size) as a scan at its own size gives them, their degradation labels and
+    their modality classes: a training slice larger than ``size`` degraded whole at its own size, then one
+    size x size tile of it at a random place, letterboxed as `inference.prior_tiles` does.
+
+    At patch size a 487-pixel CT slice is shrunk 4x before it is degraded; in Slicer its 60 spokes, noise and blur
+    act on the full grid and the prior reads 128-pixel tiles of it, a scale it never trained on (held out,
+    COVID-19's sparse-view was read as blur on 7 of 10 trials).
+    """
+    indices = dataset.native_indices(count, size, generator).tolist()
+    tiles, labels = [], []
+    for index in indices:
+        kind = imaging[int(dataset.sample_modality[index])]
+        out = random_degradation(dataset.native_slice(index), kind, generator, primitives=True, balanced=balanced)
+        height, width = out.image.shape[-2:]
+        top = int(torch.randint(0, max(1, height - size + 1), (), generator=generator))
+        left = int(torch.randint(0, max(1, width - size + 1), (), generator=generator))
+        tiles.append(resize_images(out.image[..., top : top + size, left : left + size], size))
+        labels.append(out.label)
+    return torch.cat(tiles), torch.tensor(labels, dtype=torch.long), dataset.sample_modality[indices]
+
+
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_mask: torch.Tensor) -> torch.Tensor:
     """Cross-entropy + soft Dice over background and the sample's own dataset classes only."""
     masked = logits.float().masked_fill(~class_mask[:, :, None, None], -1e4)
@@ -235,8 +266,12 @@ class Trainer:
             torch.set_num_threads(run.threads)
         if self.rank == 0 and (advice := missing_cuda_scan(self.device)):
             print(advice)
-        self.slices = prepared.for_run(run.data, run.patch, run.val_fraction, run.seed)
+        native = run.prior_native_fraction > 0
+        self.slices = prepared.for_run(run.data, run.patch, run.val_fraction, run.seed, native)
         self.modalities, self.labels, self.train_set = self.slices.modalities, self.slices.labels, self.slices.train
+        if native and not len(self.train_set.native_indices(1, run.patch)):
+            raise ValueError(f"prior_native_fraction: no training slice is larger than the patch ({run.patch} px), so "
+                             "its tiles would be the patch-size slices: set prior_native_fraction: 0")
         self.train_set.augmentation = Augmentation.from_config(run.augment)
         torch.manual_seed(run.seed)
         self.config = make_config(
@@ -248,8 +283,14 @@ class Trainer:
         self.model = build_model(self.config, clip_weights=run.clip_weights).to(self.device)
         self.imaging = [m.imaging for m in self.modalities]
 
+    def native_count(self) -> int:
+        """Stage-1 samples per batch taken as `native_tiles`."""
+        return round(self.run.prior_native_fraction * self.run.prior.batch_size)
+
     def batch(self, stage: str, step: int, size: int) -> dict[str, torch.Tensor]:
         generator = step_generator(self.run.seed, stage, step, self.rank)
+        if stage == "prior":
+            size -= self.native_count()
         indices = self.train_set.balanced_indices(size, generator)
         items = [self.train_set.item(i, generator) for i in indices]
         return {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in items[0]}
@@ -282,8 +323,15 @@ class Trainer:
         degraded, deg_labels = degrade_batch(
             batch["clean"].to(self.device), imaging, generator, primitives=True, balanced=self.run.prior_balanced
         )
+        modality = batch["modality"]
+        if count := self.native_count():
+            tiles, tile_labels, tile_modality = native_tiles(
+                self.train_set, count, self.run.patch, self.imaging, generator, self.run.prior_balanced
+            )
+            degraded, deg_labels = torch.cat([degraded, tiles.to(self.device)]), torch.cat([deg_labels, tile_labels])
+            modality = torch.cat([modality, tile_modality])
         out = self.net(degraded)
-        mod = focal_loss(out.modality_logits, batch["modality"].to(self.device), self.run.focal_alpha, self.run.focal_gamma)
+        mod = focal_loss(out.modality_logits, modality.to(self.device), self.run.focal_alpha, self.run.focal_gamma)
         deg = image_text_loss(out.degradation_logits, deg_labels.to(self.device))
         return {"loss": mod + deg, "modality": mod, "degradation": deg}
 

@@ -231,6 +231,24 @@ def test_slices_per_dataset_and_channel(slices: SliceDataset) -> None:
     assert slices.skipped > 0 and counts["BraTS2015/T1c"] + slices.skipped // 2 == 155, "empty brain slices skipped"
 
 
+def test_native_slices_keep_the_scan_size_of_every_sample(infos: list[DatasetInfo], by_name: dict[str, DatasetInfo],
+                                                          slices: SliceDataset) -> None:
+    covid = by_name["COVID19CT"].cases[:3]
+    native = SliceDataset(infos, covid, patch=64, native=True)
+    assert torch.equal(native.images, SliceDataset(infos, covid, patch=64).images), "patch-size slices unchanged"
+    for index, case in enumerate(covid):
+        image, _ = load_case(case)
+        own = native.native_slice(index)
+        assert own.shape == (1, 1, *image.shape[1:]) and own.dtype == torch.float32
+        expected = resize_slices(own[0].numpy(), 64, "image")
+        assert np.abs(expected - native.images[index].numpy()).max() <= 1 / 510 + 1e-6, "the same slice, 8-bit"
+    drawn = native.native_indices(50, 350, torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {i for i, s in enumerate(native.native) if max(s.shape) > 350}
+    assert len(native.native_indices(5, 10_000)) == 0
+    with pytest.raises(ValueError, match="native=True"):
+        slices.native_indices(1, 64)
+
+
 def test_resizing_keeps_aspect_and_label_values() -> None:
     image = np.random.default_rng(0).random((2, 30, 60), dtype=np.float32)
     labels = np.zeros((2, 30, 60), dtype=np.uint8)

@@ -64,6 +64,8 @@ def test_a_prepared_file_must_match_the_run_and_stand_alone(data: list[Path], pr
         prepared.for_run([str(prepared_file)], 32, 0.2, 3)
     with pytest.raises(ValueError, match="give it alone"):
         prepared.for_run([str(prepared_file), str(data[0])], 16, 0.2, 3)
+    with pytest.raises(ValueError, match="list the dataset folders as `data:`, or set prior_native_fraction: 0"):
+        prepared.for_run([str(prepared_file)], 16, 0.2, 3, native=True)
 
 
 def test_files_that_are_not_prepared_slices_name_the_fix(prepared_file: Path, tmp_path: Path) -> None:

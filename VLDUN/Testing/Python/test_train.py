@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from VLDUNLib import train
 from VLDUNLib.augmentation import Augmentation
 from VLDUNLib.data import read_datasets, split_cases
+from VLDUNLib.degradations import Degraded
 from VLDUNLib.train import (
     RunConfig,
     StageConfig,
@@ -434,6 +435,38 @@ def test_prior_balanced_reaches_stage_one_degradations(data: list[Path], tmp_pat
     trainer.net = trainer.model.prior
     trainer.prior_step(trainer.batch("prior", 0, 2), train.step_generator(3, "prior", 0, 0))
     assert seen and set(seen) == {balanced}
+
+
+def test_native_tiles_are_crops_of_slices_degraded_at_their_own_size(data: list[Path], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Degradation is the identity here, so every 16-pixel tile must be a crop of a 24-pixel slice of its modality."""
+    seen = []
+    monkeypatch.setattr(train, "random_degradation",
+                        lambda x, *a, **k: seen.append(tuple(x.shape)) or Degraded(x.clone(), 2))
+    trainer = train.Trainer(RunConfig(**{**run_settings(data, tmp_path / "run"), "prior_native_fraction": 0.5}))
+    dataset = trainer.train_set
+    tiles, labels, modality = train.native_tiles(dataset, 6, 16, trainer.imaging, torch.Generator().manual_seed(0), True)
+    assert seen == [(1, 1, 24, 24)] * 6 and tiles.shape == (6, 1, 16, 16) and labels.tolist() == [2] * 6
+    for tile, mod in zip(tiles, modality):
+        own = [dataset.native_slice(i)[0, 0] for i in range(len(dataset)) if dataset.sample_modality[i] == mod]
+        crops = [s[top : top + 16, left : left + 16] for s in own for top in range(9) for left in range(9)]
+        assert any(torch.equal(tile[0], crop) for crop in crops)
+
+
+def test_prior_native_fraction_shares_the_stage_one_batch(data: list[Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes = []
+    loss = train.focal_loss
+    monkeypatch.setattr(train, "focal_loss", lambda logits, *a: sizes.append(len(logits)) or loss(logits, *a))
+    trainer = train.Trainer(RunConfig(**{**run_settings(data, tmp_path / "run"), "prior_native_fraction": 0.5}))
+    trainer.net = trainer.model.prior
+    batch = trainer.batch("prior", 0, PRIOR_STAGE["batch_size"])
+    trainer.prior_step(batch, train.step_generator(3, "prior", 0, 0))
+    assert len(batch["clean"]) == 2 and sizes == [PRIOR_STAGE["batch_size"]]
+    with pytest.raises(ValueError, match="no training slice is larger than the patch"):
+        train.Trainer(RunConfig(**{**run_settings(data, tmp_path / "big"), "prior_native_fraction": 0.5, "patch": 24}))
+    with pytest.raises(ValueError, match="share of the batch"):
+        RunConfig(**{**run_settings(data, tmp_path / "run"), "prior_native_fraction": 1.5})
 
 
 def test_joint_trainable_moves_only_the_matching_weights(data: list[Path], tmp_path: Path) -> None:
