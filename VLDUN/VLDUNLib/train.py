@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -105,6 +105,9 @@ class RunConfig:
     """Share of each stage-1 batch that is tiles of training slices degraded at their own size (`native_tiles`),
     what the prior reads of a scan in Slicer (`inference.prior_tiles`); the rest is slices at patch size. Needs the
     dataset folders as `data:`. 0: patch size only, as runs before stop 24 were trained."""
+    joint_native_fraction: float = 0.0
+    """The same for stage 2: that share of each batch is tiles degraded at their own size, with their clean tiles, and
+    trains restoration only (Slicer restores at the scan's own size but segments at patch size)."""
     joint_trainable: list[str] | None = None
     """Stage 2 trains only the network parameters whose names match one of these `fnmatch` patterns, e.g.
     `["*.attention.kv.*"]`: after a prior re-tune, only the projections that read its tokens follow it, and the
@@ -139,8 +142,9 @@ class RunConfig:
         Augmentation.from_config(self.augment)
         if self.init_modules is not None and not self.init_weights:
             raise ValueError("init_modules names parts of init_weights; add `init_weights:` (a VLDUN .safetensors).")
-        if not 0.0 <= self.prior_native_fraction <= 1.0:
-            raise ValueError(f"prior_native_fraction is a share of the batch, 0 to 1; got {self.prior_native_fraction}")
+        for name in ("prior_native_fraction", "joint_native_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a share of the batch, 0 to 1; got {getattr(self, name)}")
         if self.rec_loss not in REC_LOSSES:
             raise ValueError(f"rec_loss must be one of {sorted(REC_LOSSES)}; got {self.rec_loss!r}")
 
@@ -216,28 +220,42 @@ def degrade_batch(
     return degraded, labels
 
 
+class NativeTiles(NamedTuple):
+    """What `native_tiles` gives: (N, 1, P, P) degraded and clean tiles, degradation labels, modality classes."""
+
+    degraded: torch.Tensor
+    clean: torch.Tensor
+    labels: torch.Tensor
+    modality: torch.Tensor
+
+
 def native_tiles(
-    dataset: SliceDataset, count: int, size: int, imaging: list[str], generator: torch.Generator, balanced: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``count`` prior inputs (N, 1, size, size) as a scan at its own size gives them, their degradation labels and
-    their modality classes: a training slice larger than ``size`` degraded whole at its own size, then one
-    size x size tile of it at a random place, letterboxed as `inference.prior_tiles` does.
+    dataset: SliceDataset, count: int, size: int, imaging: list[str], generator: torch.Generator,
+    primitives: bool = True, balanced: bool = False,
+) -> NativeTiles:
+    """``count`` inputs (N, 1, size, size) as a scan at its own size gives them, their clean tiles, degradation labels
+    and modality classes: a training slice larger than ``size`` degraded whole at its own size
+    (`random_degradation(primitives, balanced)`), then one size x size tile of both at a random place, letterboxed as
+    `inference.prior_tiles` does.
 
     At patch size a 487-pixel CT slice is shrunk 4x before it is degraded; in Slicer its 60 spokes, noise and blur
     act on the full grid and the prior reads 128-pixel tiles of it, a scale it never trained on (held out,
     COVID-19's sparse-view was read as blur on 7 of 10 trials).
     """
     indices = dataset.native_indices(count, size, generator).tolist()
-    tiles, labels = [], []
+    degraded, clean, labels = [], [], []
     for index in indices:
         kind = imaging[int(dataset.sample_modality[index])]
-        out = random_degradation(dataset.native_slice(index), kind, generator, primitives=True, balanced=balanced)
-        height, width = out.image.shape[-2:]
+        own = dataset.native_slice(index)
+        out = random_degradation(own, kind, generator, primitives=primitives, balanced=balanced)
+        height, width = own.shape[-2:]
         top = int(torch.randint(0, max(1, height - size + 1), (), generator=generator))
         left = int(torch.randint(0, max(1, width - size + 1), (), generator=generator))
-        tiles.append(resize_images(out.image[..., top : top + size, left : left + size], size))
+        for image, tiles in ((out.image, degraded), (own, clean)):
+            tiles.append(resize_images(image[..., top : top + size, left : left + size], size))
         labels.append(out.label)
-    return torch.cat(tiles), torch.tensor(labels, dtype=torch.long), dataset.sample_modality[indices]
+    return NativeTiles(torch.cat(degraded), torch.cat(clean), torch.tensor(labels, dtype=torch.long),
+                       dataset.sample_modality[indices])
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_mask: torch.Tensor) -> torch.Tensor:
@@ -266,12 +284,12 @@ class Trainer:
             torch.set_num_threads(run.threads)
         if self.rank == 0 and (advice := missing_cuda_scan(self.device)):
             print(advice)
-        native = run.prior_native_fraction > 0
+        native = run.prior_native_fraction > 0 or run.joint_native_fraction > 0
         self.slices = prepared.for_run(run.data, run.patch, run.val_fraction, run.seed, native)
         self.modalities, self.labels, self.train_set = self.slices.modalities, self.slices.labels, self.slices.train
         if native and not len(self.train_set.native_indices(1, run.patch)):
-            raise ValueError(f"prior_native_fraction: no training slice is larger than the patch ({run.patch} px), so "
-                             "its tiles would be the patch-size slices: set prior_native_fraction: 0")
+            raise ValueError(f"prior/joint_native_fraction: no training slice is larger than the patch ({run.patch} "
+                             "px), so its tiles would be the patch-size slices: set both to 0")
         self.train_set.augmentation = Augmentation.from_config(run.augment)
         torch.manual_seed(run.seed)
         self.config = make_config(
@@ -283,14 +301,15 @@ class Trainer:
         self.model = build_model(self.config, clip_weights=run.clip_weights).to(self.device)
         self.imaging = [m.imaging for m in self.modalities]
 
-    def native_count(self) -> int:
-        """Stage-1 samples per batch taken as `native_tiles`."""
-        return round(self.run.prior_native_fraction * self.run.prior.batch_size)
+    def native_count(self, stage: str) -> int:
+        """Samples per batch of a stage taken as `native_tiles`."""
+        if stage == "prior":
+            return round(self.run.prior_native_fraction * self.run.prior.batch_size)
+        return round(self.run.joint_native_fraction * self.run.joint.batch_size)
 
     def batch(self, stage: str, step: int, size: int) -> dict[str, torch.Tensor]:
         generator = step_generator(self.run.seed, stage, step, self.rank)
-        if stage == "prior":
-            size -= self.native_count()
+        size -= self.native_count(stage)
         indices = self.train_set.balanced_indices(size, generator)
         items = [self.train_set.item(i, generator) for i in indices]
         return {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in items[0]}
@@ -324,12 +343,11 @@ class Trainer:
             batch["clean"].to(self.device), imaging, generator, primitives=True, balanced=self.run.prior_balanced
         )
         modality = batch["modality"]
-        if count := self.native_count():
-            tiles, tile_labels, tile_modality = native_tiles(
-                self.train_set, count, self.run.patch, self.imaging, generator, self.run.prior_balanced
-            )
-            degraded, deg_labels = torch.cat([degraded, tiles.to(self.device)]), torch.cat([deg_labels, tile_labels])
-            modality = torch.cat([modality, tile_modality])
+        if count := self.native_count("prior"):
+            tiles = native_tiles(self.train_set, count, self.run.patch, self.imaging, generator,
+                                 balanced=self.run.prior_balanced)
+            degraded = torch.cat([degraded, tiles.degraded.to(self.device)])
+            deg_labels, modality = torch.cat([deg_labels, tiles.labels]), torch.cat([modality, tiles.modality])
         out = self.net(degraded)
         mod = focal_loss(out.modality_logits, modality.to(self.device), self.run.focal_alpha, self.run.focal_gamma)
         deg = image_text_loss(out.degradation_logits, deg_labels.to(self.device))
@@ -340,6 +358,11 @@ class Trainer:
         primitives = torch.rand((), generator=generator).item() < self.run.primitive_fraction
         clean = batch["clean"].to(self.device)
         degraded, _ = degrade_batch(clean, imaging, generator, primitives=primitives)
+        labelled = len(clean)
+        if count := self.native_count("joint"):
+            tiles = native_tiles(self.train_set, count, self.run.patch, self.imaging, generator, primitives)
+            degraded = torch.cat([degraded, tiles.degraded.to(self.device)])
+            clean = torch.cat([clean, tiles.clean.to(self.device)])
         with torch.no_grad():
             prior = self.model.compute_prior(degraded)
         with autocast(self.device, self.run.amp):
@@ -349,7 +372,7 @@ class Trainer:
             losses["rec"] = self.run.rec_weight * REC_LOSSES[self.run.rec_loss](out.restored.float(), clean)
         if out.seg_logits is not None:
             losses["seg"] = self.run.seg_weight * segmentation_loss(
-                out.seg_logits, batch["label"].to(self.device), batch["class_mask"].to(self.device)
+                out.seg_logits[:labelled], batch["label"].to(self.device), batch["class_mask"].to(self.device)
             )
         losses["loss"] = sum(losses.values())
         return losses

@@ -445,9 +445,10 @@ def test_native_tiles_are_crops_of_slices_degraded_at_their_own_size(data: list[
                         lambda x, *a, **k: seen.append(tuple(x.shape)) or Degraded(x.clone(), 2))
     trainer = train.Trainer(RunConfig(**{**run_settings(data, tmp_path / "run"), "prior_native_fraction": 0.5}))
     dataset = trainer.train_set
-    tiles, labels, modality = train.native_tiles(dataset, 6, 16, trainer.imaging, torch.Generator().manual_seed(0), True)
-    assert seen == [(1, 1, 24, 24)] * 6 and tiles.shape == (6, 1, 16, 16) and labels.tolist() == [2] * 6
-    for tile, mod in zip(tiles, modality):
+    tiles = train.native_tiles(dataset, 6, 16, trainer.imaging, torch.Generator().manual_seed(0), balanced=True)
+    assert seen == [(1, 1, 24, 24)] * 6 and tiles.degraded.shape == (6, 1, 16, 16) and tiles.labels.tolist() == [2] * 6
+    assert torch.equal(tiles.clean, tiles.degraded), "the clean tile is cut where the degraded one is"
+    for tile, mod in zip(tiles.degraded, tiles.modality):
         own = [dataset.native_slice(i)[0, 0] for i in range(len(dataset)) if dataset.sample_modality[i] == mod]
         crops = [s[top : top + 16, left : left + 16] for s in own for top in range(9) for left in range(9)]
         assert any(torch.equal(tile[0], crop) for crop in crops)
@@ -467,6 +468,22 @@ def test_prior_native_fraction_shares_the_stage_one_batch(data: list[Path], tmp_
         train.Trainer(RunConfig(**{**run_settings(data, tmp_path / "big"), "prior_native_fraction": 0.5, "patch": 24}))
     with pytest.raises(ValueError, match="share of the batch"):
         RunConfig(**{**run_settings(data, tmp_path / "run"), "prior_native_fraction": 1.5})
+
+
+def test_joint_native_fraction_trains_restoration_on_tiles_and_segmentation_on_slices(
+    data: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shapes = []
+    monkeypatch.setitem(train.REC_LOSSES, "mse", lambda a, b: shapes.append(("rec", len(a), len(b))) or F.mse_loss(a, b))
+    seg = train.segmentation_loss
+    monkeypatch.setattr(train, "segmentation_loss", lambda logits, target, mask: shapes.append(
+        ("seg", len(logits), len(target))) or seg(logits, target, mask))
+    settings = {**run_settings(data, tmp_path / "run"), "rec_loss": "mse", "joint_native_fraction": 0.5}
+    trainer = train.Trainer(RunConfig(**settings))
+    trainer.net = trainer.model
+    batch = trainer.batch("joint", 0, JOINT_STAGE["batch_size"])
+    trainer.joint_step(batch, train.step_generator(3, "joint", 0, 0))
+    assert len(batch["clean"]) == 1 and sorted(shapes) == [("rec", 2, 2), ("seg", 1, 1)]
 
 
 def test_joint_trainable_moves_only_the_matching_weights(data: list[Path], tmp_path: Path) -> None:
