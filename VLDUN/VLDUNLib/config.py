@@ -85,6 +85,12 @@ class VLDUNConfig:
     rec_head: bool = True
     rec_hidden: int = 8
     """Channels of the restoration head's full-resolution refinement, the only layers that see every pixel."""
+    seg_hidden: int = 0
+    """Channels of an optional full-resolution refinement of the segmentation logits (`SegmentationRefinement`);
+    0: the paper's small head alone, which predicts each stem_stride² block of labels from one feature vector."""
+    seg_branch: bool = False
+    """The segmentation head reads its own copy of the last decoder stage instead of the one restoration reads, so
+    segmentation can be trained further without moving the restored image (`weights.branch_segmentation_stage`)."""
 
     def __post_init__(self) -> None:
         self.blocks = tuple(self.blocks)
@@ -94,6 +100,10 @@ class VLDUNConfig:
             self.prior = PriorConfig(**self.prior)
         if self.architecture not in ("vldun", "unet"):
             raise ValueError(f"Unknown architecture {self.architecture!r}; choose 'vldun' or 'unet'.")
+        if self.levels < 2:
+            raise ValueError(f"levels={self.levels}: the U-shaped hierarchy needs at least 2 levels.")
+        if self.seg_hidden < 0:
+            raise ValueError(f"seg_hidden={self.seg_hidden}: give 0 (no refinement) or a number of channels.")
         if len(self.blocks) != self.levels:
             raise ValueError(f"blocks has {len(self.blocks)} entries but levels={self.levels}; give one per level.")
         if not (self.seg_head or self.rec_head):

@@ -4,7 +4,8 @@
     encoder  level l = 0..L-2 : x = Stage(x, y_l, prior); skip; x = Down(x); y_{l+1} = Down_y(y_l)
     bottleneck level L-1      : x = Stage(x, y_{L-1}, prior)
     decoder  level l = L-2..0 : x = Up(x); x = Merge(x, skip); x = Stage(x, y_l, prior)
-    restored = RestorationHead(x, y)   segmentation logits = SegHead(x)
+    restored = RestorationHead(x, y)   segmentation logits = SegHead(x') [+ SegmentationRefinement(x', y)]
+    (x' = x, or with `seg_branch` the output of the segmentation head's own copy of the last decoder stage)
 
 Any height and width work: the input is padded (reflect) to a multiple of `config.size_multiple`
 inside `forward` and both outputs are cropped back, so callers never pad.
@@ -75,6 +76,29 @@ class RestorationHead(nn.Module):
         return y + self.refine(torch.cat([self.expand(x), y], 1))
 
 
+class SegmentationRefinement(nn.Module):
+    """A full-resolution correction of the segmentation logits that also sees the degraded input.
+
+    The paper's head predicts each stride x stride block of labels from one half-resolution feature vector, which
+    must encode where inside the block a boundary falls; a 3x3 stage at full resolution that reads the image can
+    take it from the pixels (thin structures such as the myocardium are 2-4 pixels wide at 128 px). Its last
+    convolution starts at zero, so a trained model gains it without changing its output; the trunk still gets
+    the segmentation gradient through the paper's head.
+    """
+
+    def __init__(self, width: int, in_channels: int, classes: int, stride: int, hidden: int) -> None:
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(width, hidden * stride**2, 3, padding=1), nn.PixelShuffle(stride))
+        self.refine = nn.Sequential(
+            nn.Conv2d(hidden + in_channels, hidden, 3, padding=1), nn.GELU(), nn.Conv2d(hidden, classes, 3, padding=1)
+        )
+        nn.init.zeros_(self.refine[-1].weight)
+        nn.init.zeros_(self.refine[-1].bias)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.refine(torch.cat([self.expand(x), y], 1))
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """Reflect-pad H and W up to a multiple (replicate where the image is too small to reflect)."""
     h, w = x.shape[-2:]
@@ -115,6 +139,7 @@ class VLDUN(nn.Module):
         self.up = nn.ModuleList(Upsample(widths[level + 1]) for level in range(c.levels - 1))
         self.merge = nn.ModuleList(nn.Conv2d(2 * widths[level], widths[level], 1) for level in range(c.levels - 1))
         self.decoder = nn.ModuleList(stage(level) for level in range(c.levels - 1))
+        self.seg_decoder = stage(0) if c.seg_branch and c.seg_head else None
         unshuffle = c.stem_stride**2
         self.rec_head = RestorationHead(widths[0], c.in_channels, c.stem_stride, c.rec_hidden) if c.rec_head else None
         self.seg_head = (
@@ -125,6 +150,11 @@ class VLDUN(nn.Module):
                 nn.PixelShuffle(c.stem_stride),
             )
             if c.seg_head
+            else None
+        )
+        self.seg_refine = (
+            SegmentationRefinement(widths[0], c.in_channels, c.num_classes, c.stem_stride, c.seg_hidden)
+            if c.seg_head and c.seg_hidden
             else None
         )
 
@@ -149,12 +179,19 @@ class VLDUN(nn.Module):
             prior = self.compute_prior(degraded)
         tokens = prior.tokens if prior is not None and self.prior is not None else None
         y, (h, w) = pad_to_multiple(degraded, self.config.size_multiple)
-        x = self.decode(self.encode(y, tokens), tokens)
+        x, y_0 = self.decode(self.encode(y, tokens), tokens)
+        restore = restore and self.rec_head is not None
+        segment = segment and self.seg_head is not None
+        shared = self.decoder[0](x, y_0, tokens) if restore or (segment and self.seg_decoder is None) else None
         restored = seg = None
-        if self.rec_head is not None and restore:
-            restored = self.rec_head(x, y)[..., :h, :w]
-        if self.seg_head is not None and segment:
-            seg = self.seg_head(x)[..., :h, :w]
+        if restore:
+            restored = self.rec_head(shared, y)[..., :h, :w]
+        if segment:
+            features = shared if self.seg_decoder is None else self.seg_decoder(x, y_0, tokens)
+            seg = self.seg_head(features)
+            if self.seg_refine is not None:
+                seg = seg + self.seg_refine(features, y)
+            seg = seg[..., :h, :w]
         return VLDUNOutput(restored, seg, prior)
 
     def encode(
@@ -172,12 +209,14 @@ class VLDUN(nn.Module):
 
     def decode(
         self, encoded: tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]], tokens: torch.Tensor | None
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder up to the input of its last stage, which each head applies itself (`seg_branch`)."""
         x, skips, ys = encoded
         for level in reversed(range(self.config.levels - 1)):
             x = self.merge[level](torch.cat([self.up[level](x), skips[level]], 1))
-            x = self.decoder[level](x, ys[level], tokens)
-        return x
+            if level:
+                x = self.decoder[level](x, ys[level], tokens)
+        return x, ys[0]
 
     def unfolding_parameters(self) -> int:
         """Parameters of the unfolding network and heads (what the paper's 22.77 M counts; CLIP excluded)."""

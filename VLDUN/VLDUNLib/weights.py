@@ -172,7 +172,8 @@ def load_matching_weights(model: torch.nn.Module, path: str | Path, modules: lis
 
     Fine-tuning the shipped model on new data (other classes, a changed head) keeps what still fits and leaves
     the rest at its fresh initialisation, as nnU-Net does with pretrained weights; the caller reports the list.
-    A wider restoration head (`rec_hidden`) starts as the file's head, so the model starts where the file ended.
+    A wider restoration head (`rec_hidden`) starts as the file's head, and a segmentation branch (`seg_branch`) as
+    the file's last decoder stage, so the model starts where the file ended.
     `modules` limits the copy to those top-level submodules (["prior"]: a new network on a tuned prior).
     """
     path, _ = read_model_info(path)
@@ -184,12 +185,21 @@ def load_matching_weights(model: torch.nn.Module, path: str | Path, modules: lis
         own = {key: value for key, value in everything.items() if key.split(".")[0] in modules}
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         state = {key: handle.get_tensor(key) for key in handle.keys() if key in own}
-    state = widen_restoration_head(state, own)
+    state = branch_segmentation_stage(widen_restoration_head(state, own), own)
     state = {key: tensor for key, tensor in state.items() if tensor.shape == own[key].shape}
     if not state:
         raise WeightsError(f"{path.name} shares no tensor with this model; is it a model of another architecture?")
     model.load_state_dict(state, strict=False)
     return sorted(set(everything) - set(state))
+
+
+def branch_segmentation_stage(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A file without `seg_branch` gives the model's segmentation branch its shared last decoder stage, so
+    segmentation starts exactly as the file's and can then be trained without moving restoration."""
+    branch = {key: "decoder.0." + key.removeprefix("seg_decoder.") for key in own if key.startswith("seg_decoder.")}
+    if not branch or any(key in state for key in branch) or not all(source in state for source in branch.values()):
+        return state
+    return {**state, **{key: state[source].clone() for key, source in branch.items()}}
 
 
 def widen_restoration_head(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -41,6 +41,29 @@ def test_restoration_head_width_is_configurable():
     assert VLDUNConfig.from_dict(legacy).rec_hidden == 8
 
 
+def test_segmentation_refinement_starts_as_the_paper_head_and_trains():
+    """`seg_hidden` adds a full-resolution correction that a trained model gains without changing its output."""
+    plain = tiny_model().eval()
+    refined = tiny_model(seg_hidden=4).eval()
+    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(key.startswith("seg_refine.") for key in missing)
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(refined(x).seg_logits, plain(x).seg_logits)
+    target = torch.zeros(1, 16, 16, dtype=torch.long)
+    target[:, :, 5:] = 1
+    F.cross_entropy(refined.train()(x).seg_logits, target).backward()
+    assert refined.seg_refine.refine[-1].weight.grad.abs().max() > 0
+    assert plain.seg_refine is None
+    legacy = tiny_config().to_dict()
+    del legacy["seg_hidden"], legacy["seg_branch"]
+    assert VLDUNConfig.from_dict(legacy).seg_hidden == 0 and not VLDUNConfig.from_dict(legacy).seg_branch
+    with pytest.raises(ValueError, match="seg_hidden=-1"):
+        tiny_config(seg_hidden=-1)
+    with pytest.raises(ValueError, match="at least 2 levels"):
+        tiny_config(levels=1, blocks=(1,))
+
+
 @pytest.mark.parametrize("size", [(17, 23), (32, 32), (9, 40), (1, 1)])
 def test_output_shapes_for_any_size(size):
     model = tiny_model().eval()

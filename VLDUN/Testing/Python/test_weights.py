@@ -127,6 +127,30 @@ def test_a_wider_restoration_head_starts_as_the_files_head(saved):
     assert wider.rec_head.refine[0].weight[8:].abs().max() > 0
 
 
+def test_a_segmentation_branch_starts_as_the_files_last_decoder_stage_and_trains_alone(saved):
+    """Fine-tuning the branch moves the segmentation and leaves the restored image exactly as the file made it."""
+    model, path = saved
+    torch.manual_seed(1)
+    branched = VLDUN(tiny_config(seg_branch=True)).eval()
+    assert load_matching_weights(branched, path) == []
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        before = branched(x)
+        reference = model(x)
+    assert torch.equal(before.restored, reference.restored) and torch.equal(before.seg_logits, reference.seg_logits)
+    trainable = [p for name, p in branched.named_parameters() if name.startswith(("seg_decoder.", "seg_head."))]
+    for p in branched.parameters():
+        p.requires_grad_(any(p is q for q in trainable))
+    optimizer = torch.optim.SGD(trainable, lr=0.5)
+    target = torch.zeros(2, 16, 16, dtype=torch.long)
+    torch.nn.functional.cross_entropy(branched(x).seg_logits, target).backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = branched(x)
+    assert torch.equal(after.restored, before.restored)
+    assert not torch.equal(after.seg_logits, before.seg_logits)
+
+
 def test_fine_tuning_start_can_take_the_prior_alone(saved):
     model, path = saved
     torch.manual_seed(1)
