@@ -331,6 +331,12 @@ class Trainer:
                              f"{[name for name, _ in named[:3]]}")
         return chosen
 
+    def restoration_trains(self) -> bool:
+        """Whether the restoration loss reaches a weight that trains: a stage 2 that trains only the segmentation
+        path (`seg_decoder`, `seg_head`, `seg_refine`) skips the restoration pass, whose loss would move nothing."""
+        named = self.model.named_parameters()
+        return any(p.requires_grad for name, p in named if not name.startswith(("seg_", "prior.")))
+
     def freeze_all_but(self, params: list[nn.Parameter]) -> None:
         """Stage 2 with `joint_trainable`: the other weights get no gradient, so backward skips their work."""
         chosen = {id(p) for p in params}
@@ -366,7 +372,7 @@ class Trainer:
         with torch.no_grad():
             prior = self.model.compute_prior(degraded)
         with autocast(self.device, self.run.amp):
-            out = self.net(degraded, prior)
+            out = self.net(degraded, prior, restore=self.restoration_trains())
         losses: dict[str, torch.Tensor] = {}
         if out.restored is not None:
             losses["rec"] = self.run.rec_weight * REC_LOSSES[self.run.rec_loss](out.restored.float(), clean)

@@ -500,6 +500,22 @@ def test_joint_trainable_moves_only_the_matching_weights(data: list[Path], tmp_p
         trainer.trainable("joint")
 
 
+def test_stage_two_on_the_segmentation_path_alone_skips_restoration(data: list[Path], tmp_path: Path) -> None:
+    settings = {**run_settings(data[:1], tmp_path / "run"), "model": {**TINY_MODEL, "seg_branch": True},
+                "joint_trainable": ["seg_decoder.*", "seg_head.*"], "joint": {"steps": 2, "batch_size": 2, "lr": 1e-2}}
+    trainer = train.Trainer(RunConfig(**settings))
+    trainer.out.mkdir(parents=True)
+    assert trainer.restoration_trains()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run_stage("joint", 0, None)
+    assert not trainer.restoration_trains()
+    moved = {k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved and all(k.startswith(("seg_decoder.", "seg_head.")) for k in moved)
+    with open(trainer.out / "log.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and all(row["rec"] == "" and row["seg"] for row in rows)
+
+
 def test_psnr_loss_is_minus_the_mean_per_slice_psnr() -> None:
     from VLDUNLib.metrics import psnr
 
