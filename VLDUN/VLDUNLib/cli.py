@@ -60,7 +60,7 @@ def _prepare(args: argparse.Namespace) -> int:
     run = load_run_config(Path(args.config))
     if any(d.endswith(prepared.SUFFIX) for d in run.data):
         raise ValueError(f"{args.config}: its data is already a prepared file; list the dataset folders to prepare")
-    slices = prepared.from_folders(run.data, run.patch, run.val_fraction, run.seed)
+    slices = prepared.from_folders(run.data, run.patch, run.val_fraction, run.split)
     path = prepared.save(slices, args.out)
     validation = sum(len(v) for v in slices.validation.values())
     print(f"Wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {len(slices.train)} training and {validation} "

@@ -592,6 +592,11 @@ def _split_slices(
     return train, val
 
 
+def split_seed_of(run: dict[str, Any]) -> int:
+    """The split seed a run config (as a model's `extra["run"]` stores it) drew its held-out cases with."""
+    return run["split_seed"] if run.get("split_seed") is not None else run.get("seed", 0)
+
+
 def split_cases(info: DatasetInfo, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[CaseLike], list[CaseLike]]:
     """Seeded (train, validation) split by patient, so no patient is on both sides.
 

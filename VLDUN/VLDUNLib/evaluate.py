@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .config import ABLATIONS
-from .data import CaseLike, DatasetInfo, load_case, read_datasets, resize_slices, split_cases
+from .data import CaseLike, DatasetInfo, load_case, read_datasets, resize_slices, split_cases, split_seed_of
 from .degradations import (
     DEGRADATIONS,
     Degraded,
@@ -117,7 +117,7 @@ class Evaluator:
         """The held-out split (same seed and fraction as training) of a training dataset, else every case."""
         if dataset.name in self.trained_on:
             run = self.info.extra.get("run", {})
-            _, cases = split_cases(dataset, run.get("val_fraction", 0.2), run.get("seed", 0))
+            _, cases = split_cases(dataset, run.get("val_fraction", 0.2), split_seed_of(run))
         else:
             cases = list(dataset.cases)
         return cases[:max_cases] if max_cases else cases

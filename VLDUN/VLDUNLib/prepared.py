@@ -166,8 +166,8 @@ def for_run(data: list[str], patch: int, val_fraction: float, seed: int, native:
         raise ValueError(f"{prepared[0]} holds slices at patch size only, and prior_native_fraction needs them at "
                          "their own size: list the dataset folders as `data:`, or set prior_native_fraction: 0")
     slices = load(prepared[0])
-    if (slices.patch, slices.val_fraction) != (patch, val_fraction):
-        raise ValueError(f"{prepared[0]} was prepared with patch {slices.patch} and val_fraction "
-                         f"{slices.val_fraction}, but the run asks for {patch} and {val_fraction}: set those in the "
-                         "run config, or prepare the file again with this run config")
+    if (slices.patch, slices.val_fraction, slices.seed) != (patch, val_fraction, seed):
+        raise ValueError(f"{prepared[0]} was prepared with patch {slices.patch}, val_fraction {slices.val_fraction} "
+                         f"and split seed {slices.seed}, but the run asks for {patch}, {val_fraction} and {seed}: set "
+                         "those in the run config (`split_seed` for the split), or prepare the file again with it")
     return slices

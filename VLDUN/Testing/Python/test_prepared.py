@@ -60,8 +60,11 @@ def test_a_run_from_the_prepared_file_trains_where_simpleitk_is_missing(
 
 
 def test_a_prepared_file_must_match_the_run_and_stand_alone(data: list[Path], prepared_file: Path) -> None:
-    with pytest.raises(ValueError, match="patch 16 and val_fraction 0.2, but the run asks for 32 and 0.2"):
+    with pytest.raises(ValueError, match="patch 16, val_fraction 0.2 and split seed 3, but the run asks for 32, 0.2 "
+                                         "and 3"):
         prepared.for_run([str(prepared_file)], 32, 0.2, 3)
+    with pytest.raises(ValueError, match="asks for 16, 0.2 and 4: .*`split_seed`"):
+        prepared.for_run([str(prepared_file)], 16, 0.2, 4)
     with pytest.raises(ValueError, match="give it alone"):
         prepared.for_run([str(prepared_file), str(data[0])], 16, 0.2, 3)
     with pytest.raises(ValueError, match="list the dataset folders as `data:`, or set prior_native_fraction: 0"):

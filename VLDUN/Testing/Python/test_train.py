@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from VLDUNLib import train
 from VLDUNLib.augmentation import Augmentation
-from VLDUNLib.data import read_datasets, split_cases
+from VLDUNLib.data import read_datasets, split_cases, split_seed_of
 from VLDUNLib.degradations import Degraded
 from VLDUNLib.train import (
     RunConfig,
@@ -406,6 +406,25 @@ def test_fine_tuning_starts_from_every_exported_tensor_that_fits(reference: Path
     fresh = {k for k, v in own.items() if v.shape != saved[k].shape}
     assert fresh and all(k.startswith(("seg_head.", "prior.classifier.")) for k in fresh), "one dataset: fewer classes"
     assert all(torch.equal(v, saved[k]) for k, v in own.items() if k not in fresh)
+
+
+def test_a_continuation_may_not_train_on_the_cases_its_start_held_out(reference: Path, data: list[Path],
+                                                                     tmp_path: Path) -> None:
+    """Another `seed` draws another split, which would train on the start's held-out cases; `split_seed` keeps the
+    start's split while the batches change."""
+    info = read_datasets([str(data[0])])[0]
+    held_out = split_cases(info, 0.2, 3)[1]
+    other = next(s for s in range(4, 100) if split_cases(info, 0.2, s)[1] != held_out)
+    settings = {**run_settings(data[:1], tmp_path / "tuned"), "init_weights": str(reference / "model.safetensors"),
+                "seed": other}
+    with pytest.raises(ValueError, match=r"held out cases that this run's split would train on \(Dataset801_TinyMRI: .*"
+                                         r"set `split_seed: 3` and `val_fraction: 0.2`"):
+        train.Trainer(RunConfig(**settings)).start_from_init_weights()
+    kept = train.Trainer(RunConfig(**{**settings, "split_seed": 3}))
+    kept.start_from_init_weights()
+    assert kept.run.seed == other and kept.slices.validation_cases["Dataset801_TinyMRI"] == [c.case_id for c in held_out]
+    assert kept.export() and json.loads((tmp_path / "tuned" / "model.json").read_text())["extra"]["run"]["split_seed"] == 3
+    assert split_seed_of({"seed": other, "split_seed": 3}) == 3 and split_seed_of({"seed": other}) == other
 
 
 def test_the_configs_augmentation_reaches_the_training_slices_only(data: list[Path], tmp_path: Path) -> None:
