@@ -366,6 +366,13 @@ class Trainer:
         named = self.model.named_parameters()
         return any(p.requires_grad for name, p in named if not name.startswith(("seg_", "prior.")))
 
+    def segmentation_trains(self) -> bool:
+        """Whether the segmentation loss reaches a weight that trains: a stage 2 that trains only the restoration
+        path (`rec_head`, and with `seg_branch` the shared last decoder stage, which then feeds restoration alone)
+        skips the segmentation pass, whose loss would move nothing."""
+        own = ("rec_head.", "prior.") + (("decoder.0.",) if getattr(self.model, "seg_decoder", None) else ())
+        return any(p.requires_grad for name, p in self.model.named_parameters() if not name.startswith(own))
+
     def freeze_all_but(self, params: list[nn.Parameter]) -> None:
         """Stage 2 with `joint_trainable`: the other weights get no gradient, so backward skips their work."""
         chosen = {id(p) for p in params}
@@ -401,7 +408,7 @@ class Trainer:
         with torch.no_grad():
             prior = self.model.compute_prior(degraded)
         with autocast(self.device, self.run.amp):
-            out = self.net(degraded, prior, restore=self.restoration_trains())
+            out = self.net(degraded, prior, restore=self.restoration_trains(), segment=self.segmentation_trains())
         losses: dict[str, torch.Tensor] = {}
         if out.restored is not None:
             losses["rec"] = self.run.rec_weight * REC_LOSSES[self.run.rec_loss](out.restored.float(), clean)

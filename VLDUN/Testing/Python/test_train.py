@@ -519,20 +519,36 @@ def test_joint_trainable_moves_only_the_matching_weights(data: list[Path], tmp_p
         trainer.trainable("joint")
 
 
-def test_stage_two_on_the_segmentation_path_alone_skips_restoration(data: list[Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("path, other", [
+    (["seg_decoder.", "seg_head."], ("restoration_trains", "rec", "seg")),
+    (["decoder.0.", "rec_head."], ("segmentation_trains", "seg", "rec")),
+], ids=["segmentation", "restoration"])
+def test_stage_two_on_one_path_alone_skips_the_other_pass(
+    data: list[Path], tmp_path: Path, path: list[str], other: tuple[str, str, str]
+) -> None:
+    other_trains, skipped, kept = other
     settings = {**run_settings(data[:1], tmp_path / "run"), "model": {**TINY_MODEL, "seg_branch": True},
-                "joint_trainable": ["seg_decoder.*", "seg_head.*"], "joint": {"steps": 2, "batch_size": 2, "lr": 1e-2}}
+                "joint_trainable": [prefix + "*" for prefix in path], "joint": {"steps": 2, "batch_size": 2, "lr": 1e-2}}
     trainer = train.Trainer(RunConfig(**settings))
     trainer.out.mkdir(parents=True)
-    assert trainer.restoration_trains()
+    assert getattr(trainer, other_trains)()
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.run_stage("joint", 0, None)
-    assert not trainer.restoration_trains()
+    assert not getattr(trainer, other_trains)()
     moved = {k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])}
-    assert moved and all(k.startswith(("seg_decoder.", "seg_head.")) for k in moved)
+    assert moved and all(k.startswith(tuple(path)) for k in moved)
     with open(trainer.out / "log.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert rows and all(row["rec"] == "" and row["seg"] for row in rows)
+    assert rows and all(row[skipped] == "" and row[kept] for row in rows)
+
+
+def test_without_a_segmentation_branch_the_last_decoder_stage_trains_segmentation(
+    data: list[Path], tmp_path: Path
+) -> None:
+    settings = {**run_settings(data[:1], tmp_path / "run"), "joint_trainable": ["decoder.0.*", "rec_head.*"]}
+    trainer = train.Trainer(RunConfig(**settings))
+    trainer.freeze_all_but(trainer.trainable("joint"))
+    assert trainer.segmentation_trains()
 
 
 def test_psnr_loss_is_minus_the_mean_per_slice_psnr() -> None:
