@@ -157,8 +157,11 @@ class RunConfig:
             raise ValueError(f"rec_loss must be one of {sorted(REC_LOSSES)}; got {self.rec_loss!r}")
 
 
-def load_run_config(path: Path) -> RunConfig:
-    """A run config from YAML (or TOML); relative data/out paths are relative to the config file."""
+def read_run_settings(path: Path, children: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's settings with its paths resolved against its folder, laid over those of its `base:` file.
+
+    A continuation run repeats its predecessor but for a few keys; `base:` names that predecessor's config, so the
+    difference is all the file says. Nested tables (`joint:`, `model:`) are merged key by key."""
     text = path.read_text()
     if path.suffix == ".toml":
         import tomllib
@@ -166,14 +169,42 @@ def load_run_config(path: Path) -> RunConfig:
         raw = tomllib.loads(text)
     else:
         raw = yaml.safe_load(text)
-    if not isinstance(raw, dict) or "data" not in raw or "out" not in raw:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a run config is a mapping with at least `data:` (dataset folders or a prepared "
+                         ".vldun file) and `out:` (run folder).")
+    folder = path.parent
+    if "data" in raw:
+        raw["data"] = [str((folder / d).resolve()) for d in raw["data"]]
+    for key in ("out", "init_weights"):
+        if raw.get(key):
+            raw[key] = str((folder / raw[key]).resolve())
+    parent = raw.pop("base", None)
+    if parent is None:
+        return raw
+    parent_path = (folder / parent).resolve()
+    if parent_path in (*children, path.resolve()):
+        raise ValueError(f"{path}: `base: {parent}` leads back to itself; point it at another run's config.")
+    if not parent_path.is_file():
+        raise ValueError(f"{path}: `base: {parent}` is not a file; name a run config relative to this one's folder.")
+    return merge_settings(read_run_settings(parent_path, (*children, path.resolve())), raw)
+
+
+def merge_settings(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` laid over `base`: its nested mappings key by key, everything else replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            value = merge_settings(base[key], value)
+        merged[key] = value
+    return merged
+
+
+def load_run_config(path: Path) -> RunConfig:
+    """A run config from YAML (or TOML), with its `base:` chain; relative paths are relative to the file naming them."""
+    raw = read_run_settings(path)
+    if "data" not in raw or "out" not in raw:
         raise ValueError(f"{path}: a run config needs at least `data:` (dataset folders or a prepared .vldun file) "
                          "and `out:` (run folder).")
-    base = path.parent
-    raw["data"] = [str((base / d).resolve()) for d in raw["data"]]
-    raw["out"] = str((base / raw["out"]).resolve())
-    if raw.get("init_weights"):
-        raw["init_weights"] = str((base / raw["init_weights"]).resolve())
     try:
         return RunConfig(**raw)
     except (TypeError, ValueError) as error:

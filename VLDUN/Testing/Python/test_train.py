@@ -320,6 +320,32 @@ def test_toml_run_config(tmp_path: Path) -> None:
     assert run.out == str((tmp_path / "o").resolve())
 
 
+def test_a_config_with_a_base_says_only_what_differs(tmp_path: Path) -> None:
+    """Paths resolve against the file naming them; nested tables merge key by key; the later file wins."""
+    write_config(tmp_path / "a", {"data": ["d1"], "out": "o1", "seed": 1, "threads": 2,
+                                  "joint": {"steps": 9, "batch_size": 4, "lr": 0.001}})
+    write_config(tmp_path / "b", {"base": "../a/run.yaml", "out": "o2", "seed": 2, "joint": {"lr": 0.0003}})
+    write_config(tmp_path / "c", {"base": "../b/run.yaml", "init_weights": "w.safetensors", "seed": 3})
+    run = load_run_config(tmp_path / "c" / "run.yaml")
+    assert run.data == [str((tmp_path / "a" / "d1").resolve())] and run.out == str((tmp_path / "b" / "o2").resolve())
+    assert run.init_weights == str((tmp_path / "c" / "w.safetensors").resolve())
+    assert (run.seed, run.threads) == (3, 2) and run.joint == StageConfig(steps=9, batch_size=4, lr=0.0003)
+
+
+@pytest.mark.parametrize(("base", "hint"), [("run.yaml", "itself"), ("missing.yaml", "not a file")])
+def test_a_base_that_loops_or_is_missing_is_named(tmp_path: Path, base: str, hint: str) -> None:
+    config = write_config(tmp_path, {"base": base, "data": ["d"], "out": "o"})
+    with pytest.raises(ValueError, match=hint):
+        load_run_config(config)
+
+
+def test_a_base_chain_loop_is_named(tmp_path: Path) -> None:
+    write_config(tmp_path, {"base": "b.yaml", "data": ["d"], "out": "o"}, "a.yaml")
+    write_config(tmp_path, {"base": "a.yaml"}, "b.yaml")
+    with pytest.raises(ValueError, match="itself"):
+        load_run_config(tmp_path / "a.yaml")
+
+
 # ------------------------------------------------------------------------------------------------- outputs
 
 
