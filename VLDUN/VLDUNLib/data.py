@@ -24,7 +24,7 @@ import math
 import re
 import struct
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -905,20 +905,42 @@ class SliceDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.item(index)
 
-    def sample_weights(self) -> torch.Tensor:
-        """1 / (slices of the sample's dataset): every dataset carries the same total weight."""
+    def dataset_shares(self, weights: Mapping[str, float] | None = None) -> torch.Tensor:
+        """Per dataset (in ``datasets`` order), its weight in ``weights`` by short name, 1 where not named.
+
+        A name that is not one of these datasets is an error rather than a weight that silently does nothing.
+        """
+        weights = dict(weights or {})
+        if unknown := sorted(set(weights) - set(self.datasets)):
+            raise ValueError(f"dataset_weights names {unknown}, which are not datasets here; use the short names "
+                             f"{self.datasets} (the `name` of each dataset.json)")
+        shares = torch.tensor([float(weights.get(name, 1.0)) for name in self.datasets], dtype=torch.double)
+        if (shares < 0).any() or not (shares > 0).any():
+            raise ValueError(f"dataset_weights must be 0 or more with at least one above 0; got {weights}")
+        return shares
+
+    def sample_weights(self, weights: Mapping[str, float] | None = None) -> torch.Tensor:
+        """(weight of the sample's dataset) / (slices of that dataset): each dataset carries its weight
+        (`dataset_shares`, equal by default) in total, whatever its size."""
         if len(self) == 0:
             raise ValueError("The SliceDataset has no slices; give it cases with non-empty images")
         counts = torch.bincount(self.sample_dataset).double()
-        return 1.0 / counts[self.sample_dataset]
+        return self.dataset_shares(weights)[self.sample_dataset] / counts[self.sample_dataset]
 
-    def balanced_indices(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``count`` sample indices, each dataset drawn equally often on average regardless of its size."""
-        return torch.multinomial(self.sample_weights(), count, replacement=True, generator=generator)
+    def balanced_indices(
+        self, count: int, generator: torch.Generator | None = None, weights: Mapping[str, float] | None = None,
+    ) -> torch.Tensor:
+        """``count`` sample indices, each dataset drawn in proportion to its weight (equally often by default)
+        regardless of its size."""
+        return torch.multinomial(self.sample_weights(weights), count, replacement=True, generator=generator)
 
-    def native_indices(self, count: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def native_indices(
+        self, count: int, size: int, generator: torch.Generator | None = None,
+        weights: Mapping[str, float] | None = None,
+    ) -> torch.Tensor:
         """``count`` indices of samples whose own slice is larger than ``size`` on a side (smaller ones are read
-        whole, as at patch size), each such dataset drawn equally often; empty when there are none."""
+        whole, as at patch size), each such dataset drawn in proportion to its weight (equally often by default);
+        empty when there are none."""
         if self.native is None:
             raise ValueError("This SliceDataset holds no slices at their own size: build it from the dataset folders "
                              "with native=True (a prepared .vldun file keeps patch-size slices only)")
@@ -926,8 +948,11 @@ class SliceDataset(Dataset):
         if count == 0 or not large.any():
             return torch.zeros(0, dtype=torch.int64)
         counts = torch.bincount(self.sample_dataset[large], minlength=len(self.datasets)).double()
-        weights = torch.where(large, 1.0 / counts.clamp_min(1)[self.sample_dataset], 0.0)
-        return torch.multinomial(weights, count, replacement=True, generator=generator)
+        shares = self.dataset_shares(weights)[self.sample_dataset]
+        chances = torch.where(large, shares / counts.clamp_min(1)[self.sample_dataset], 0.0)
+        if not chances.any():
+            return torch.zeros(0, dtype=torch.int64)
+        return torch.multinomial(chances, count, replacement=True, generator=generator)
 
     def native_slice(self, index: int) -> torch.Tensor:
         """Sample ``index`` at the scan's own size, (1, 1, H, W) float in [0, 1]."""

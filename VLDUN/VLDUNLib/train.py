@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -99,6 +100,10 @@ class RunConfig:
     augment: dict[str, Any] = field(default_factory=dict)
     """Augmentation beyond flips and quarter turns (`augmentation.Augmentation` fields: zoom, rotation_degrees,
     gamma, window, probability); empty: flips and turns only."""
+    dataset_weights: dict[str, float] = field(default_factory=dict)
+    """Share of the batches each dataset gets, by its short name (the `name` of its dataset.json), relative to 1
+    for a dataset not named: `{COVID19CT: 2}` draws COVID-19 slices twice as often as each other dataset. Empty:
+    every dataset equally often, whatever its size."""
     primitive_fraction: float = 0.25
     """Share of stage-2 batches degraded by a primitive (noise, blur, ...) instead of the undersampling protocol."""
     prior_balanced: bool = False
@@ -291,7 +296,7 @@ class NativeTiles(NamedTuple):
 
 def native_tiles(
     dataset: SliceDataset, count: int, size: int, imaging: list[str], generator: torch.Generator,
-    primitives: bool = True, balanced: bool = False,
+    primitives: bool = True, balanced: bool = False, weights: Mapping[str, float] | None = None,
 ) -> NativeTiles:
     """``count`` inputs (N, 1, size, size) as a scan at its own size gives them, their clean tiles, degradation labels
     and modality classes: a training slice larger than ``size`` degraded whole at its own size
@@ -302,7 +307,7 @@ def native_tiles(
     act on the full grid and the prior reads 128-pixel tiles of it, a scale it never trained on (held out,
     COVID-19's sparse-view was read as blur on 7 of 10 trials).
     """
-    indices = dataset.native_indices(count, size, generator).tolist()
+    indices = dataset.native_indices(count, size, generator, weights).tolist()
     degraded, clean, labels = [], [], []
     for index in indices:
         kind = imaging[int(dataset.sample_modality[index])]
@@ -350,6 +355,7 @@ class Trainer:
         if native and not len(self.train_set.native_indices(1, run.patch)):
             raise ValueError(f"prior/joint_native_fraction: no training slice is larger than the patch ({run.patch} "
                              "px), so its tiles would be the patch-size slices: set both to 0")
+        self.train_set.dataset_shares(run.dataset_weights)
         self.train_set.augmentation = Augmentation.from_config(run.augment)
         torch.manual_seed(run.seed)
         self.config = make_config(
@@ -370,7 +376,7 @@ class Trainer:
     def batch(self, stage: str, step: int, size: int) -> dict[str, torch.Tensor]:
         generator = step_generator(self.run.seed, stage, step, self.rank)
         size -= self.native_count(stage)
-        indices = self.train_set.balanced_indices(size, generator)
+        indices = self.train_set.balanced_indices(size, generator, self.run.dataset_weights)
         items = [self.train_set.item(i, generator) for i in indices]
         return {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in items[0]}
 
@@ -418,7 +424,7 @@ class Trainer:
         modality = batch["modality"]
         if count := self.native_count("prior"):
             tiles = native_tiles(self.train_set, count, self.run.patch, self.imaging, generator,
-                                 balanced=self.run.prior_balanced)
+                                 balanced=self.run.prior_balanced, weights=self.run.dataset_weights)
             degraded = torch.cat([degraded, tiles.degraded.to(self.device)])
             deg_labels, modality = torch.cat([deg_labels, tiles.labels]), torch.cat([modality, tiles.modality])
         out = self.net(degraded)
@@ -433,7 +439,8 @@ class Trainer:
         degraded, _ = degrade_batch(clean, imaging, generator, primitives=primitives)
         labelled = len(clean)
         if count := self.native_count("joint"):
-            tiles = native_tiles(self.train_set, count, self.run.patch, self.imaging, generator, primitives)
+            tiles = native_tiles(self.train_set, count, self.run.patch, self.imaging, generator, primitives,
+                                 weights=self.run.dataset_weights)
             degraded = torch.cat([degraded, tiles.degraded.to(self.device)])
             clean = torch.cat([clean, tiles.clean.to(self.device)])
         with torch.no_grad():

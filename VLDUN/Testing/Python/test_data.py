@@ -300,6 +300,30 @@ def test_balanced_sampler_draws_datasets_equally(slices: SliceDataset) -> None:
     assert batch["class_mask"].shape == (4, 12) and batch["label"].dtype == torch.int64
 
 
+
+def test_dataset_weights_set_each_datasets_share_of_the_draws(slices: SliceDataset) -> None:
+    weights = {"COVID19CT": 3.0, "ACDC": 0.0}
+    drawn = slices.balanced_indices(8000, torch.Generator().manual_seed(1), weights)
+    shares = torch.bincount(slices.sample_dataset[drawn], minlength=4).double() / 8000
+    expected = torch.tensor([3.0 if n == "COVID19CT" else 0.0 if n == "ACDC" else 1.0 for n in slices.datasets]) / 5
+    torch.testing.assert_close(shares, expected.double(), atol=0.03, rtol=0)
+    assert shares[slices.datasets.index("ACDC")] == 0, "a weight of 0 leaves the dataset out"
+    with pytest.raises(ValueError, match=r"\['COVID'\].*COVID19CT"):
+        slices.balanced_indices(4, weights={"COVID": 2.0})
+    with pytest.raises(ValueError, match="0 or more"):
+        slices.sample_weights({"ACDC": -1.0})
+    with pytest.raises(ValueError, match="at least one above 0"):
+        slices.sample_weights(dict.fromkeys(slices.datasets, 0.0))
+
+
+def test_dataset_weights_reach_the_native_tiles(infos: list[DatasetInfo], by_name: dict[str, DatasetInfo]) -> None:
+    native = SliceDataset(infos, by_name["COVID19CT"].cases[:2] + by_name["ACDC"].cases[:1], patch=64, native=True)
+    covid = native.datasets.index("COVID19CT")
+    only_acdc = native.native_indices(40, 100, torch.Generator().manual_seed(0), {"COVID19CT": 0.0})
+    assert len(only_acdc) == 40 and (native.sample_dataset[only_acdc] != covid).all()
+    assert len(native.native_indices(5, 100, weights={"COVID19CT": 0.0, "ACDC": 0.0, "BraTS2015": 1.0})) == 0
+
+
 # -------------------------------------------------------------------------------------------- broken datasets
 
 

@@ -499,6 +499,15 @@ def test_native_tiles_are_crops_of_slices_degraded_at_their_own_size(data: list[
         assert any(torch.equal(tile[0], crop) for crop in crops)
 
 
+def test_dataset_weights_steer_the_training_batches(data: list[Path], tmp_path: Path) -> None:
+    names = [json.loads((d / "dataset.json").read_text())["name"] for d in data]
+    trainer = train.Trainer(RunConfig(**{**run_settings(data, tmp_path / "run"), "dataset_weights": {names[0]: 0}}))
+    drawn = torch.cat([trainer.batch("joint", step, 8)["dataset"] for step in range(4)])
+    assert set(drawn.tolist()) == {trainer.train_set.datasets.index(names[1])}
+    with pytest.raises(ValueError, match="not datasets here"):
+        train.Trainer(RunConfig(**{**run_settings(data, tmp_path / "typo"), "dataset_weights": {"TinyMR": 2}}))
+
+
 def test_prior_native_fraction_shares_the_stage_one_batch(data: list[Path], tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     sizes = []
