@@ -355,7 +355,7 @@ class Trainer:
         if native and not len(self.train_set.native_indices(1, run.patch)):
             raise ValueError(f"prior/joint_native_fraction: no training slice is larger than the patch ({run.patch} "
                              "px), so its tiles would be the patch-size slices: set both to 0")
-        self.train_set.dataset_shares(run.dataset_weights)
+        self.train_set.dataset_shares(run.dataset_weights)  # a misspelt name fails here, before any step
         self.train_set.augmentation = Augmentation.from_config(run.augment)
         torch.manual_seed(run.seed)
         self.config = make_config(

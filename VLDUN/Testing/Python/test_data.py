@@ -300,7 +300,6 @@ def test_balanced_sampler_draws_datasets_equally(slices: SliceDataset) -> None:
     assert batch["class_mask"].shape == (4, 12) and batch["label"].dtype == torch.int64
 
 
-
 def test_dataset_weights_set_each_datasets_share_of_the_draws(slices: SliceDataset) -> None:
     weights = {"COVID19CT": 3.0, "ACDC": 0.0}
     drawn = slices.balanced_indices(8000, torch.Generator().manual_seed(1), weights)
