@@ -610,7 +610,8 @@ def test_psnr_loss_weighs_a_slice_by_its_relative_error() -> None:
 @pytest.mark.parametrize("config", sorted((Path(__file__).parents[2] / "Resources" / "Models").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_the_committed_run_configs_load(config: Path) -> None:
-    """The model card's commands reproduce its runs only if every committed config still parses."""
+    """The model card's commands reproduce its runs only if every committed config still parses; the `.acdc`
+    pair is the issue's one-dataset reference setting, every other run reads the four developer datasets."""
     run = load_run_config(config)
-    assert [Path(d).name for d in run.data] == [
-        "Dataset001_ACDC", "Dataset002_BraTS2015", "Dataset003_COVID19CT", "Dataset004_AbdomenCT"]
+    datasets = ["Dataset001_ACDC", "Dataset002_BraTS2015", "Dataset003_COVID19CT", "Dataset004_AbdomenCT"]
+    assert [Path(d).name for d in run.data] == (datasets[:1] if ".acdc." in config.name else datasets)
