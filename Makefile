@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # torch/torchvision are pinned exactly: these two builds lie on the project machines' disk,
-# any other pin downloads gigabytes (see DEVELOPERS.md).
-$(STAMP): pyproject.toml Makefile
+# any other pin downloads gigabytes. The lab (training, evaluation) installs beside the product.
+$(STAMP): pyproject.toml lab/pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -e '.[test,demo]'
+	$(PY) -m pip install -e lab
 	touch $(STAMP)
 
 demo: $(STAMP)

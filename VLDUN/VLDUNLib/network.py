@@ -13,6 +13,7 @@ inside `forward` and both outputs are cropped back, so callers never pad.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,12 +58,10 @@ class Upsample(nn.Module):
 class RestorationHead(nn.Module):
     """Features at stem resolution -> restored image at full resolution: y + a refined residual.
 
-    A pixel-shuffle alone predicts each of the stride^2 sub-pixel positions with its own filters, which left a
-    fixed grid in the residual (low-passing it raised held-out abdominal CT PSNR by 1 dB). A 3x3 refinement at
-    full resolution, which also sees the degraded input, couples the sub-pixels. Its last convolution keeps
-    PyTorch's random start, like the U-Net peer's head: a zero start returned the input exactly but passed the
-    trunk no restoration gradient, so from scratch the segmentation loss shaped the features and restoration
-    stayed at the input for an hour of CPU training (model card, "equal compute").
+    A pixel-shuffle alone predicts each of the stride^2 sub-pixel positions with its own filters, which leaves
+    a fixed grid in the residual; a 3x3 refinement at full resolution, which also sees the degraded input,
+    couples the sub-pixels. Its last convolution keeps PyTorch's random start: a zero start returns the input
+    exactly but passes the trunk no restoration gradient, so restoration would not learn from scratch.
     """
 
     def __init__(self, width: int, out_channels: int, stride: int, hidden: int = 8) -> None:
@@ -223,11 +222,70 @@ class VLDUN(nn.Module):
         prior = {id(p) for p in self.prior.parameters()} if self.prior is not None else set()
         return sum(p.numel() for p in self.parameters() if id(p) not in prior)
 
+    def restoration_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters the restored image depends on: all but the prior and the segmentation-only layers."""
+        return ((n, p) for n, p in self.named_parameters() if not n.startswith(("seg_", "prior.")))
+
+    def segmentation_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters the segmentation depends on: all but the prior and the restoration-only layers (with
+        `seg_branch`, the shared last decoder stage feeds restoration alone)."""
+        own = ("rec_head.", "prior.") + (("decoder.0.",) if self.seg_decoder is not None else ())
+        return ((n, p) for n, p in self.named_parameters() if not n.startswith(own))
+
+    def adapt_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Another model's tensors made to start this one where that model ended (fine-tuning): a wider
+        restoration head embeds the narrower one (`_widen_restoration_head`), a segmentation branch starts as
+        the shared last decoder stage (`_branch_segmentation_stage`). Tensors that still do not fit are dropped."""
+        own = self.state_dict()
+        state = self._branch_segmentation_stage(self._widen_restoration_head(state, own), own)
+        return {key: tensor for key, tensor in state.items() if key in own and tensor.shape == own[key].shape}
+
+    @staticmethod
+    def _branch_segmentation_stage(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A file without `seg_branch` gives the segmentation branch its shared last decoder stage, so
+        segmentation starts exactly as the file's and can then be trained without moving restoration."""
+        branch = {key: "decoder.0." + key.removeprefix("seg_decoder.") for key in own if key.startswith("seg_decoder.")}
+        if not branch or any(key in state for key in branch) or not all(source in state for source in branch.values()):
+            return state
+        return {**state, **{key: state[source].clone() for key, source in branch.items()}}
+
+    @staticmethod
+    def _widen_restoration_head(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The file's restoration head inside a wider one of `own`'s shapes, computing the same image (net2wider).
+
+        Its channels come first and keep their weights; the new channels get `own`'s random input weights and
+        zero output weights, so they are silent at the start yet receive gradients from the first step. A file
+        whose head is as wide or wider is returned unchanged (a narrower head starts fresh).
+        """
+        out_key = "rec_head.refine.2.weight"
+        if out_key not in state or out_key not in own:
+            return state
+        old, new = state[out_key].shape[1], own[out_key].shape[1]
+        if new <= old:
+            return state
+        shuffle = own["rec_head.expand.0.weight"].shape[0] // new
+        widened = {key: own[key].clone() for key in own if key.startswith("rec_head.")}
+        for key in ("rec_head.expand.0.weight", "rec_head.expand.0.bias", "rec_head.refine.0.bias"):
+            rows = old * shuffle if "expand" in key else old
+            widened[key][:rows] = state[key]
+        first, source = widened["rec_head.refine.0.weight"], state["rec_head.refine.0.weight"]
+        first[:old] = 0
+        first[:old, :old] = source[:, :old]  # old channels from old channels
+        first[:old, new:] = source[:, old:]  # and from the degraded image, the last input
+        widened[out_key].zero_()[:, :old] = state[out_key]
+        widened["rec_head.refine.2.bias"] = state["rec_head.refine.2.bias"]
+        return {**state, **widened}
+
+
+ARCHITECTURES: dict[str, Callable[[VLDUNConfig], nn.Module]] = {"vldun": VLDUN}
+"""Model classes by `config.architecture`; the lab registers its baselines here when it is imported."""
+
 
 def build_model(config: VLDUNConfig, clip_weights: str | Path | None = None) -> nn.Module:
-    """VL-DUN, or the plain joint U-Net baseline when `config.architecture == "unet"`."""
-    if config.architecture == "unet":
-        from .baseline import JointUNet
-
-        return JointUNet(config)
-    return VLDUN(config, clip_weights)
+    """The network a config describes: VL-DUN, or a baseline that the lab registered in `ARCHITECTURES`."""
+    if config.architecture == "vldun":
+        return VLDUN(config, clip_weights)
+    if config.architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture {config.architecture!r} is a lab baseline; install the VLDUN lab "
+                         "(`pip install -e lab`) and import vldun_lab to build it.")
+    return ARCHITECTURES[config.architecture](config)

@@ -5,10 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from model_factory import tiny_predictor
-from VLDUNLib.data import resize_images
-from VLDUNLib.intensity import fit_window
 from VLDUNLib.inference import (
     Cancelled,
     DeviceOutOfMemory,
@@ -18,6 +15,8 @@ from VLDUNLib.inference import (
     resolve_device,
     tile_starts,
 )
+from VLDUNLib.intensity import fit_window
+from VLDUNLib.letterbox import resize_images
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +235,7 @@ def test_training_scale_labels_follow_the_small_pass(volume):
     assert (labels[:, :, 12:] == 3).all() and (labels[:, :, :8] == 0).all()
 
 
-@pytest.mark.parametrize("architecture", ["vldun", "unet"])
+@pytest.mark.parametrize("architecture", ["vldun"])
 def test_a_skipped_head_leaves_the_other_output_unchanged(architecture):
     model = tiny_predictor(architecture=architecture).model
     x = torch.rand(2, 1, 24, 20, generator=torch.Generator().manual_seed(0))
@@ -251,7 +250,7 @@ def test_a_skipped_head_leaves_the_other_output_unchanged(architecture):
                                                  ("no_rec_head", [(12, {"restore": False})])])
 def test_each_pass_computes_only_the_head_it_keeps(ablation, calls):
     """Same outputs as two full passes (native restoration, training-scale segmentation), fewer heads run."""
-    from VLDUNLib.data import content_box
+    from VLDUNLib.letterbox import content_box
 
     predictor = tiny_predictor(ablation=ablation)
     predictor.info.train_size = 12

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from model_factory import tiny_config
 from VLDUNLib.config import ABLATIONS, VLDUNConfig, make_config
 from VLDUNLib.network import VLDUN, build_model, pad_to_multiple
@@ -161,12 +160,6 @@ def test_volume_prior_is_reused_for_every_slice():
         out = model(x, prior.expand(4))
     assert out.prior.tokens.shape[0] == 4
     assert torch.equal(out.prior.tokens[0], out.prior.tokens[3])
-
-
-def test_unet_baseline_has_the_same_interface():
-    model = build_model(tiny_config(architecture="unet", levels=2, blocks=(1, 1)))
-    out = model(torch.rand(2, 1, 15, 18))
-    assert out.restored.shape == (2, 1, 15, 18) and out.seg_logits.shape == (2, 4, 15, 18) and out.prior is None
 
 
 def test_network_overfits_one_small_batch():

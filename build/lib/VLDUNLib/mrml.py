@@ -1,0 +1,233 @@
+"""MRML nodes <-> numpy arrays, keeping the voxel geometry exact.
+
+Works in the 3D Slicer application and in plain Python with the `slicer-core` package: nothing here
+uses Qt, `slicer.app` or `slicer.mrmlScene`; the scene is always the nodes' own.
+
+Array convention: `slicer.util.arrayFromVolume` gives (K, J, I), so numpy axis `a` is IJK axis `2 - a`.
+The network sees a stack of 2-D slices (S, H, W) cut along the acquisition axis (`slice_axis`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util.numpy_support import get_vtk_array_type, vtk_to_numpy
+
+from .geometry import slices_to_volume, through_plane_axis, volume_to_slices  # noqa: F401 (re-exported for callers)
+
+"""A spacing this much larger than both others marks the thick-slice (acquisition) axis."""
+
+BINARY_LABELMAP = "Binary labelmap"
+CLOSED_SURFACE = "Closed surface"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the voxels of a volume lie in patient (RAS) space."""
+
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]
+    """Along I, J, K."""
+    directions: tuple[tuple[float, float, float], ...]
+    """3x3 IJK->RAS direction matrix, row-major: column c is the RAS direction of IJK axis c."""
+    dims: tuple[int, int, int]
+    """Voxels along I, J, K; (0, 0, 0) for a node without image data."""
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """One segment to create: which label value it covers and how it is shown and coded."""
+
+    label: int
+    name: str
+    color: tuple[float, float, float]
+    terminology: str
+    """Slicer terminology entry string (see `terminology.py`)."""
+
+
+def volume_geometry(node: slicer.vtkMRMLVolumeNode) -> Geometry:
+    """Origin, spacing, directions and dimensions of a volume node."""
+    directions = np.zeros((3, 3))
+    node.GetIJKToRASDirections(directions)
+    image = node.GetImageData()
+    dims = tuple(image.GetDimensions()) if image else (0, 0, 0)
+    return Geometry(
+        tuple(node.GetOrigin()),
+        tuple(node.GetSpacing()),
+        tuple(tuple(float(v) for v in row) for row in directions),
+        dims,
+    )
+
+
+def apply_geometry(node: slicer.vtkMRMLVolumeNode, geometry: Geometry) -> None:
+    """Give `node` exactly this origin, spacing and directions (the dimensions belong to its image)."""
+    node.SetIJKToRASDirections([list(row) for row in geometry.directions])
+    node.SetSpacing(*geometry.spacing)
+    node.SetOrigin(*geometry.origin)
+
+
+def slice_axis(node: slicer.vtkMRMLVolumeNode) -> int:
+    """The numpy axis of `arrayFromVolume(node)` along which the volume was acquired (see `through_plane_axis`)."""
+    geometry = volume_geometry(node)
+    return through_plane_axis(geometry.dims[::-1], geometry.spacing[::-1], np.asarray(geometry.directions)[:, ::-1])
+
+
+def _check_shape(array: np.ndarray, reference: slicer.vtkMRMLVolumeNode, what: str) -> None:
+    expected = volume_geometry(reference).dims[::-1]
+    if array.shape != expected:
+        raise ValueError(
+            f"The {what} array has shape {array.shape} but the reference volume "
+            f"'{reference.GetName()}' has {expected} (K, J, I); pass an array of the reference's shape."
+        )
+
+
+def _image_from_array(array: np.ndarray, image: vtk.vtkImageData) -> vtk.vtkImageData:
+    """Fill a new image with `array` in one copy (any memory layout, e.g. a transposed view)."""
+    image.SetDimensions(array.shape[::-1])
+    image.AllocateScalars(get_vtk_array_type(array.dtype), 1)
+    vtk_to_numpy(image.GetPointData().GetScalars()).reshape(array.shape)[...] = array
+    return image
+
+
+def _follow_reference(node: slicer.vtkMRMLNode, reference: slicer.vtkMRMLVolumeNode) -> None:
+    """Same parent transform as the reference, so outputs overlay it even when it is transformed."""
+    node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
+
+
+def write_scalar_volume(
+    node: slicer.vtkMRMLScalarVolumeNode, array: np.ndarray, reference: slicer.vtkMRMLVolumeNode
+) -> None:
+    """Replace `node`'s voxels with `array` (K, J, I) and give it exactly `reference`'s geometry.
+
+    The voxels go into a new image object, so the previous one stays valid for `outputs_restored_on_failure`.
+    """
+    _check_shape(array, reference, "volume")
+    node.SetAndObserveImageData(_image_from_array(array, vtk.vtkImageData()))
+    apply_geometry(node, volume_geometry(reference))
+    _follow_reference(node, reference)
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+
+
+def _ensure_closed_surface_rule() -> None:
+    """Register labelmap<->surface conversion where no Segmentations module did (plain-Python slicer-core).
+
+    In the Slicer application the module registers them at startup, so this does nothing there.
+    A segmentation copies the registered rules when it is created.
+    """
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    pairs = {(r.GetSourceRepresentationName(), r.GetTargetRepresentationName()) for r in factory.GetConverterRules()}
+    if (BINARY_LABELMAP, CLOSED_SURFACE) not in pairs:
+        factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+    if (CLOSED_SURFACE, BINARY_LABELMAP) not in pairs:
+        factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+
+
+def _check_labels(labels: np.ndarray, segments: Sequence[SegmentSpec]) -> None:
+    """Every label value must have a segment, or voxels would silently vanish from the segmentation."""
+    if labels.dtype != np.uint8:
+        raise ValueError(
+            f"Labels must be uint8 (0 background, 1..255 classes), got {labels.dtype}; "
+            "cast them with labels.astype(np.uint8)."
+        )
+    declared = [spec.label for spec in segments]
+    if len(set(declared)) != len(declared) or not all(1 <= v <= 255 for v in declared):
+        raise ValueError(f"Segment label values must be distinct and in 1..255, got {declared}.")
+    present = set(np.flatnonzero(np.bincount(labels.ravel(), minlength=256)).tolist()) - {0}
+    missing = sorted(present - set(declared))
+    if missing:
+        raise ValueError(
+            f"Label values {missing} occur in the labels but no segment was given for them; "
+            "add a SegmentSpec per value."
+        )
+
+
+def _labelmap_image(labels: np.ndarray, reference: slicer.vtkMRMLVolumeNode) -> slicer.vtkOrientedImageData:
+    """The labels as one oriented image on the reference's voxel grid."""
+    image = _image_from_array(labels, slicer.vtkOrientedImageData())
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    reference.GetIJKToRASMatrix(ijk_to_ras)
+    image.SetImageToWorldMatrix(ijk_to_ras)
+    return image
+
+
+def _segment(spec: SegmentSpec, labelmap: slicer.vtkOrientedImageData) -> slicer.vtkSegment:
+    segment = slicer.vtkSegment()
+    segment.SetName(spec.name)
+    segment.SetColor(*spec.color)
+    segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), spec.terminology)
+    segment.AddRepresentation(BINARY_LABELMAP, labelmap)
+    segment.SetLabelValue(spec.label)
+    return segment
+
+
+def build_segmentation(
+    labels: np.ndarray, reference: slicer.vtkMRMLVolumeNode, segments: Sequence[SegmentSpec]
+) -> slicer.vtkSegmentation:
+    """A complete segmentation, outside any scene: one segment per spec, in the given order.
+
+    All segments share one labelmap (each covers its label value), as Slicer's own labelmap import
+    does; a class absent from `labels` still gets its (empty) segment so it can be painted by hand.
+    The closed surfaces are made here too, so the 3-D view shows the result at once.
+    """
+    _check_shape(labels, reference, "label")
+    _check_labels(labels, segments)
+    _ensure_closed_surface_rule()
+    labelmap = _labelmap_image(labels, reference)
+    segmentation = slicer.vtkSegmentation()
+    segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
+    segmentation.SetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+        slicer.vtkSegmentationConverter.SerializeImageGeometry(labelmap),
+    )
+    for spec in segments:
+        segmentation.AddSegment(_segment(spec, labelmap))
+    segmentation.CreateRepresentation(CLOSED_SURFACE)
+    return segmentation
+
+
+def write_segmentation(
+    node: slicer.vtkMRMLSegmentationNode,
+    labels: np.ndarray,
+    reference: slicer.vtkMRMLScalarVolumeNode,
+    segments: Sequence[SegmentSpec],
+) -> None:
+    """Replace all segments of `node` by those of `labels` (K, J, I), on `reference`'s geometry.
+
+    The segmentation is built completely before `node` is touched; re-running replaces, never adds.
+    """
+    staged = build_segmentation(labels, reference, segments)
+    modifying = node.StartModify()
+    _follow_reference(node, reference)
+    node.GetSegmentation().DeepCopy(staged)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    node.EndModify(modifying)
+
+
+@contextmanager
+def outputs_restored_on_failure(
+    volume: slicer.vtkMRMLScalarVolumeNode, segmentation: slicer.vtkMRMLSegmentationNode
+) -> Iterator[None]:
+    """Both outputs are written, or both get their previous content back and the error propagates."""
+    image, geometry, volume_transform = volume.GetImageData(), volume_geometry(volume), volume.GetTransformNodeID()
+    segments = slicer.vtkSegmentation()
+    segments.DeepCopy(segmentation.GetSegmentation())
+    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    reference_id, segmentation_transform = segmentation.GetNodeReferenceID(role), segmentation.GetTransformNodeID()
+    try:
+        yield
+    except BaseException:
+        volume.SetAndObserveImageData(image)
+        apply_geometry(volume, geometry)
+        volume.SetAndObserveTransformNodeID(volume_transform)
+        segmentation.SetAndObserveTransformNodeID(segmentation_transform)
+        segmentation.GetSegmentation().DeepCopy(segments)
+        segmentation.SetNodeReferenceID(role, reference_id)
+        raise

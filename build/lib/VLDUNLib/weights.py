@@ -1,0 +1,167 @@
+"""Model weights on disk: safetensors tensors + a JSON config carrying their SHA-256.
+
+A weights file is never unpickled, and nothing of it is used before its hash matches the config and
+the config has been checked (known preset, class names for every output channel, tensor shapes equal
+to the architecture's). The JSON also carries what inference needs besides tensors: the class names
+per dataset, the modality classes, the intensity normalisation and the out-of-distribution threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import PRESETS, VLDUNConfig
+from .network import build_model
+
+FORMAT = "vldun-weights/1"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+DEFAULT_WEIGHTS = MODELS_DIR / "vldun_compact.safetensors"
+
+
+class WeightsError(ValueError):
+    """A weights file or its config that must not be used; the message names the fix."""
+
+
+@dataclass
+class ModelInfo:
+    """Everything about a trained model that is not a tensor."""
+
+    config: VLDUNConfig
+    classes: list[str] = field(default_factory=lambda: ["background"])
+    """Global class keys of the shared segmentation head, index 0 background, e.g. "ACDC/LV"."""
+    dataset_classes: dict[str, list[int]] = field(default_factory=dict)
+    """Dataset short name -> the global class indices it labels."""
+    ood_threshold: float = 0.5
+    """Modality confidence under which a scan is reported as unlike the training data."""
+    train_size: int | None = None
+    """Longer side, in pixels, of the training slices; inference segments at this scale (None: native)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Provenance (data, command, metrics): copied into the model card, never interpreted."""
+
+    def to_dict(self, sha256: str) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "sha256": sha256,
+            "config": self.config.to_dict(),
+            "classes": self.classes,
+            "dataset_classes": self.dataset_classes,
+            "ood_threshold": self.ood_threshold,
+            "train_size": self.train_size,
+            "extra": self.extra,
+        }
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def config_path_for(weights: Path) -> Path:
+    return weights.with_suffix(".json")
+
+
+def save_weights(model: torch.nn.Module, info: ModelInfo, path: str | Path) -> Path:
+    """Write `path` (.safetensors) and its JSON config beside it; returns the JSON path."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise WeightsError(f"{path.name}: weights are written as .safetensors; change the file name.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"format": FORMAT})
+    json_path = config_path_for(path)
+    json_path.write_text(json.dumps(info.to_dict(sha256_of(path)), indent=2) + "\n")
+    return json_path
+
+
+def read_model_info(path: str | Path) -> tuple[Path, ModelInfo]:
+    """Check a weights file against its JSON config (hash, preset, classes) without loading tensors."""
+    path = Path(path)
+    if path.suffix == ".json":
+        path = path.with_suffix(".safetensors")
+    if path.suffix != ".safetensors":
+        raise WeightsError(
+            f"{path.name}: only .safetensors weights are loaded (pickled checkpoints can run code); "
+            "export the model with `vldun train`, which writes safetensors."
+        )
+    json_path = config_path_for(path)
+    for needed in (path, json_path):
+        if not needed.is_file():
+            raise WeightsError(f"{needed} is missing; a VLDUN model is a .safetensors file with its .json beside it.")
+    try:
+        meta = json.loads(json_path.read_text())
+    except json.JSONDecodeError as error:
+        raise WeightsError(f"{json_path.name} is not valid JSON ({error}); restore it from the model's source.") from error
+    if meta.get("format") != FORMAT:
+        raise WeightsError(f"{json_path.name}: format {meta.get('format')!r} is not {FORMAT!r}; re-export the model.")
+    actual = sha256_of(path)
+    if actual != meta.get("sha256"):
+        raise WeightsError(
+            f"{path.name}: SHA-256 {actual[:12]}… does not match {json_path.name} ({str(meta.get('sha256'))[:12]}…). "
+            "The file is corrupted or was replaced; download or copy the model again."
+        )
+    info = _info_from_meta(meta, json_path)
+    return path, info
+
+
+def _info_from_meta(meta: dict[str, Any], json_path: Path) -> ModelInfo:
+    config_data = meta.get("config") or {}
+    preset = config_data.get("preset")
+    if preset not in PRESETS:
+        raise WeightsError(f"{json_path.name}: unknown preset {preset!r}; this VLDUN knows {sorted(PRESETS)}.")
+    try:
+        config = VLDUNConfig.from_dict(config_data)
+    except (TypeError, ValueError) as error:
+        raise WeightsError(f"{json_path.name}: invalid model config ({error}).") from error
+    classes = list(meta.get("classes") or [])
+    if config.seg_head and len(classes) != config.num_classes:
+        raise WeightsError(
+            f"{json_path.name}: {len(classes)} class names for a head of {config.num_classes} classes; "
+            "the config is incomplete or belongs to other weights."
+        )
+    dataset_classes = {k: [int(i) for i in v] for k, v in (meta.get("dataset_classes") or {}).items()}
+    bad = [i for v in dataset_classes.values() for i in v if not 0 < i < config.num_classes]
+    if bad:
+        raise WeightsError(f"{json_path.name}: dataset class indices {bad} are outside the head's classes.")
+    train_size = meta.get("train_size")
+    if train_size is not None and (not isinstance(train_size, int) or isinstance(train_size, bool) or train_size < 16):
+        raise WeightsError(f"{json_path.name}: train_size must be a whole number of pixels >= 16 or null, "
+                           f"got {train_size!r}.")
+    ood = float(meta.get("ood_threshold", 0.5))
+    return ModelInfo(config, classes, dataset_classes, ood, train_size, meta.get("extra", {}))
+
+
+def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelInfo]:
+    """A verified model in eval mode; `path=None` loads the shipped default weights."""
+    path, info = read_model_info(path or DEFAULT_WEIGHTS)
+    model = build_model(info.config)
+    expected = model.state_dict()
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        keys = set(handle.keys())
+        missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+        if missing or unexpected:
+            raise WeightsError(
+                f"{path.name} does not match its config: {len(missing)} missing and {len(unexpected)} unexpected "
+                f"tensors (e.g. {(missing + unexpected)[:3]})."
+            )
+        state = {}
+        for key in keys:
+            tensor = handle.get_tensor(key)
+            if tensor.shape != expected[key].shape:
+                raise WeightsError(
+                    f"{path.name}: tensor {key} has shape {tuple(tensor.shape)}, the config needs "
+                    f"{tuple(expected[key].shape)}; the config belongs to other weights."
+                )
+            state[key] = tensor
+    model.load_state_dict(state)
+    return model.to(device).eval(), info

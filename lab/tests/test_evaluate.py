@@ -1,0 +1,154 @@
+"""`vldun evaluate`: report shape, fixed seeds, baseline rows, ablation checks, on real data (small)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from model_factory import DATA, tiny_predictor
+from vldun_lab.datasets import read_dataset
+from vldun_lab.evaluate import (
+    Protocol,
+    check_ablation,
+    confusion,
+    confusion_cell,
+    write_report,
+)
+
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    datasets = [read_dataset(DATA / "Dataset001_ACDC"), read_dataset(DATA / "Dataset003_COVID19CT")]
+    predictor = tiny_predictor(modalities=("ACDC/MRI", "BraTS2015/T1c"))
+    return out, write_report(predictor, datasets, Protocol(size=48), out, max_cases=1, weights_name="tiny")
+
+
+def test_metrics_json_has_the_documented_shape(report):
+    out, result = report
+    saved = json.loads((out / "metrics.json").read_text())
+    acdc = saved["datasets"]["Dataset001_ACDC"]
+    assert acdc["cases"] == 1
+    assert set(acdc["input"]) == {"psnr", "ssim"}
+    assert {"psnr", "ssim", "dice", "dice_mean", "iou_mean"} <= set(acdc["model"])
+    assert set(acdc["model"]["dice"]) == {"RV", "MYO", "LV"}
+    assert 0 <= acdc["modality_accuracy"] <= 1 and 0 <= acdc["degradation_accuracy"] <= 1
+    assert "Cartesian undersampling, acceleration 4" in saved["protocol"]
+
+
+def test_degradation_confusion_counts_every_trial_and_agrees_with_the_accuracy(report):
+    """Five known-label trials a case: the four primitives and the dataset's own protocol (MRI or CT)."""
+    _, result = report
+    for name, protocol in (("Dataset001_ACDC", "undersampling"), ("Dataset003_COVID19CT", "sparse_view")):
+        entry = result["datasets"][name]
+        table = entry["degradation_confusion"]
+        assert set(table) == {"noise", "blur", "motion", "low_resolution", protocol}
+        assert sum(sum(seen.values()) for seen in table.values()) == 5
+        right = sum(seen.get(truth, 0) for truth, seen in table.items())
+        assert entry["degradation_accuracy"] == pytest.approx(right / 5)
+
+
+def test_confusion_cell_names_the_most_frequent_mistake():
+    table = confusion([("blur", "blur")] * 4 + [("blur", "low_resolution")] * 5 + [("blur", "noise")] + [("noise", "noise")])
+    assert table == {"noise": {"noise": 1}, "blur": {"blur": 4, "low_resolution": 5, "noise": 1}}
+    assert confusion_cell(table["blur"], "blur") == "4/10 (5 low_resolution)"
+    assert confusion_cell(table["noise"], "noise") == "1/1"
+    assert confusion_cell({}, "motion") == "-"
+
+
+def test_dataset_unknown_to_the_model_reports_ood_instead_of_accuracy(report):
+    _, result = report
+    covid = result["datasets"]["Dataset003_COVID19CT"]
+    assert covid["modality_accuracy"] is None
+    assert 0 <= covid["ood_fraction"] <= 1
+    assert "dice" not in covid["model"]
+
+
+def test_table_and_montages_are_written(report):
+    out, _ = report
+    table = (out / "table.md").read_text()
+    assert "| Degraded input |" in table and "Dataset001_ACDC PSNR" in table
+    assert "Degradation prior, right / trials" in table and "| Dataset003_COVID19CT |" in table
+    assert (out / "montages" / "Dataset001_ACDC.png").stat().st_size > 1000
+
+
+def test_cases_csv_lists_each_case_with_its_own_figures(report):
+    """One case per dataset here, so each row must equal its dataset's means."""
+    out, result = report
+    with (out / "cases.csv").open(newline="") as handle:
+        rows = {row["dataset"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"Dataset001_ACDC", "Dataset003_COVID19CT"}
+    acdc, covid = rows["Dataset001_ACDC"], rows["Dataset003_COVID19CT"]
+    means = result["datasets"]["Dataset001_ACDC"]
+    assert float(acdc["input_psnr"]) == pytest.approx(means["input"]["psnr"], abs=1e-4)
+    assert float(acdc["dice_mean"]) == pytest.approx(means["model"]["dice_mean"], abs=1e-4)
+    assert float(acdc["dice_LV"]) == pytest.approx(means["model"]["dice"]["LV"], abs=1e-4)
+    assert acdc["truth"] == "ACDC/MRI" and acdc["detected_modality"] in ("ACDC/MRI", "BraTS2015/T1c")
+    assert covid["dice_mean"] == "" and covid["dice_LV"] == "" and covid["case"]
+
+
+def test_two_runs_print_the_same_numbers(report, tmp_path):
+    _, first = report
+    second = write_report(tiny_predictor(modalities=("ACDC/MRI", "BraTS2015/T1c")), [read_dataset(DATA / "Dataset001_ACDC")], Protocol(size=48), tmp_path,
+                          max_cases=1, weights_name="tiny")
+    assert second["datasets"]["Dataset001_ACDC"] == first["datasets"]["Dataset001_ACDC"]
+
+
+def test_ablation_mismatch_is_refused():
+    check_ablation(tiny_predictor(ablation="no_fd"), "no_fd")
+    with pytest.raises(ValueError, match="not the 'no_fd' ablation"):
+        check_ablation(tiny_predictor(), "no_fd")
+
+
+def test_baseline_is_reported_beside_the_model_with_the_difference(tmp_path):
+    datasets = [read_dataset(DATA / "Dataset001_ACDC")]
+    baseline = tiny_predictor(architecture="unet")
+    result = write_report(tiny_predictor(), datasets, Protocol(size=48), tmp_path, max_cases=1, weights_name="tiny",
+                          baseline=baseline)
+    entry = result["datasets"]["Dataset001_ACDC"]
+    assert {"psnr", "ssim", "dice_mean"} <= set(entry["baseline"])
+    table = (tmp_path / "table.md").read_text()
+    assert "| baseline |" in table and "PSNR model - baseline" in table
+
+
+def test_model_without_prior_has_no_modality_figures(tmp_path):
+    result = write_report(tiny_predictor(architecture="unet"), [read_dataset(DATA / "Dataset001_ACDC")],
+                          Protocol(size=48), tmp_path, max_cases=1, weights_name="unet")
+    entry = result["datasets"]["Dataset001_ACDC"]
+    assert entry["modality_accuracy"] is None and entry["ood_fraction"] is None and entry["degradation_accuracy"] is None
+    assert entry["degradation_confusion"] is None and "Degradation prior" not in (tmp_path / "table.md").read_text()
+
+
+def test_native_protocol_keeps_the_scan_resolution_and_segments_at_the_training_scale():
+    from vldun_lab.datasets import load_case
+    from vldun_lab.evaluate import Evaluator
+
+    dataset = read_dataset(DATA / "Dataset001_ACDC")
+    case = dataset.cases[0]
+    image, label = load_case(case, 0)
+    predictor = tiny_predictor()
+    evaluator = Evaluator(predictor, Protocol(size=0))
+    predictor.info.train_size = None
+    at_native = evaluator.run_case(dataset, case, 0)
+    predictor.info.train_size = 48
+    at_training_scale = evaluator.run_case(dataset, case, 0)
+    assert at_native["clean"].shape[-2:] == image.shape[-2:] and at_native["labels"].shape == label.shape
+    assert (at_native["labels"] != at_training_scale["labels"]).any()
+    assert at_native["input"] == at_training_scale["input"]
+    assert "own resolution" in Protocol(size=0).describe()
+
+
+def test_negative_size_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="0 for each scan's own resolution"):
+        Protocol(size=-1)
+
+
+def test_a_mirrored_report_says_so(tmp_path):
+    predictor = tiny_predictor()
+    predictor.mirror = True
+    result = write_report(predictor, [read_dataset(DATA / "Dataset001_ACDC")], Protocol(size=48), tmp_path,
+                          max_cases=1, weights_name="tiny")
+    assert result["mirror"] is True and "mirror images" in (tmp_path / "table.md").read_text()

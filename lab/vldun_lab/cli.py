@@ -1,0 +1,122 @@
+"""The lab's commands of `vldun` (train, prepare, evaluate, benchmark, complexity), registered as a plugin.
+
+`vldun` discovers this through the `vldun.plugins` entry point, so the product never imports the lab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from VLDUNLib.cli import MIRROR_HELP
+
+
+def _complexity(args: argparse.Namespace) -> int:
+    from .complexity import complexity
+
+    result = complexity(args.preset, size=args.size, repeats=args.repeats, threads=args.threads)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"preset {result['preset']}")
+    print(f"  parameters (unfolding network + heads): {result['params'] / 1e6:.2f} M")
+    print(f"  parameters (CLIP prior, run once per volume): {result['prior_params'] / 1e6:.2f} M")
+    print(f"  FLOPs at {args.size}x{args.size}: {result['flops_256'] / 1e9:.1f} GFLOP (2 FLOP per multiply-add)")
+    print(f"  prior FLOPs per call: {result['prior_flops'] / 1e9:.2f} GFLOP")
+    print(
+        f"  CPU latency: {result['cpu_ms_per_slice_256']:.0f} ms per slice "
+        f"(median of {args.repeats}, spread {result['cpu_ms_spread']:.0f} ms, {result['threads']} threads)"
+    )
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train_from_file
+
+    train_from_file(Path(args.config), resume=args.resume)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from . import prepared
+    from .train import load_run_config
+
+    run = load_run_config(Path(args.config))
+    if any(d.endswith(prepared.SUFFIX) for d in run.data):
+        raise ValueError(f"{args.config}: its data is already a prepared file; list the dataset folders to prepare")
+    slices = prepared.from_folders(run.data, run.patch, run.val_fraction, run.split)
+    path = prepared.save(slices, args.out)
+    validation = sum(len(v) for v in slices.validation.values())
+    print(f"Wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {len(slices.train)} training and {validation} "
+          f"validation slices of {len(slices.validation)} datasets at {run.patch} px. Train from it with "
+          f"`data: [{path.resolve()}]` in a run config (same patch and val_fraction).")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_command
+
+    evaluate_command(args)
+    return 0
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import benchmark_command
+
+    benchmark_command(args)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the lab's subcommands to the `vldun` parser."""
+    p = sub.add_parser("complexity", help="parameters, FLOPs at 256x256 and CPU latency of a preset")
+    p.add_argument("--preset", default="compact")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_complexity)
+
+    p = sub.add_parser("train", help="train both stages from a YAML run config")
+    p.add_argument("config")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("prepare", help="write a run's training and validation slices to one .vldun file")
+    p.add_argument("config", help="the run config whose data, patch, val_fraction and seed to use")
+    p.add_argument("--out", required=True, help="the file to write, ending in .vldun")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("evaluate", help="PSNR/SSIM/Dice/IoU report on datasets in the nnU-Net layout")
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--baseline", default=None, help="weights of a peer (e.g. the joint U-Net) reported beside the model")
+    p.add_argument("--ablation", default=None, help="evaluate the weights of this Table 3 ablation")
+    p.add_argument("--acceleration", type=float, default=4.0)
+    p.add_argument("--center-fraction", type=float, default=0.08)
+    p.add_argument("--spokes", type=int, default=60)
+    p.add_argument("--size", type=int, default=128,
+                   help="slices are resized so the longer side is this; 0 keeps each scan's own resolution "
+                   "(the Slicer path)")
+    p.add_argument("--max-cases", type=int, default=None)
+    p.add_argument("--mirror", action="store_true", help=MIRROR_HELP)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("benchmark", help="speed and memory of each preset (and peers)")
+    p.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    p.add_argument("--peer", action="append", default=[], help="NAME=PATH of a peer checkout, e.g. promptir=../PromptIR")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and 1 repeat: checks the whole path in seconds")
+    p.add_argument("--presets", default="compact,paper", help="comma-separated presets (default: compact,paper)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: the CPU, and the GPU when there is one")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for every model (default: torch's)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 3, 1 with --quick)")
+    p.add_argument("--batch-sizes", default=None,
+                   help="comma-separated (default 1,2,4,8,16 on the CPU, up to 64 on the GPU; 1,2 with --quick)")
+    p.add_argument("--volumes", default=None,
+                   help="comma-separated WxHxS (default 256x256x100,512x512x300; 64x64x4 with --quick), or none")
+    p.add_argument("--volume-repeats", type=int, default=1, help="end-to-end runs per volume (default 1)")
+    p.set_defaults(func=_benchmark)

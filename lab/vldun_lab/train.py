@@ -1,0 +1,631 @@
+"""Two-stage training of VL-DUN (`vldun train RUN.yaml`).
+
+Stage 1 tunes the CLIP dual prior (Sec. 3.3): focal loss (Eq. 3) over the modality classes, one per
+dataset/sequence, plus the image-text cross-entropy over the degradation prompts, on slices degraded
+by the protocol and by the primitives. Stage 2 trains the unfolding network jointly (Sec. 3.4) with the
+prior frozen: an L1 reconstruction loss plus Dice + cross-entropy segmentation losses.
+
+Segmentation classes: one shared head over the union of every dataset's foreground classes, with each
+sample's loss restricted to background + its own dataset's classes (`class_mask`). A shared head keeps
+one forward pass and one set of features for all anatomy, and no per-dataset parameters that a small
+dataset (one abdominal CT) could not train; at inference the detected modality selects the dataset's
+classes. Classes absent from a sample's dataset are masked out, never taught as background.
+
+Reproducibility: every random draw of step s (batch indices, degradations) comes from a generator
+seeded by (seed, stage, s, rank), and checkpoints hold the model, the optimizer state and the step,
+so a resumed run continues exactly as an uninterrupted one. Multi-GPU runs use `torchrun`
+(DistributedDataParallel); each rank draws its own batches (tested with two CPU ranks over gloo).
+
+Data: dataset folders in the nnU-Net layout, or one file made from them by `vldun prepare` (prepared.py),
+which trains where the folders and SimpleITK are not (a GPU machine).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+from VLDUNLib.config import make_config
+from VLDUNLib.degradations import random_degradation
+from VLDUNLib.letterbox import resize_images
+from VLDUNLib.network import build_model
+from VLDUNLib.priors import focal_loss, image_text_loss
+from VLDUNLib.ssm import missing_cuda_scan
+from VLDUNLib.weights import ModelInfo, read_model_info, save_weights
+
+from . import prepared
+from .augmentation import Augmentation
+from . import baseline  # noqa: F401 (registers architecture "unet")
+from .slices import SliceDataset
+from .splits import split_seed_of
+from .warmstart import load_matching_weights
+
+
+@dataclass
+class StageConfig:
+    steps: int = 500
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: int = 50
+
+
+def negative_psnr_loss(restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """Minus the mean per-slice PSNR (data range 1), the figure evaluation reports.
+
+    A batch MSE is dominated by the slices with the largest errors: undersampled MRI's MSE is 5-30x that of
+    sparse-view CT, so CT gets a small share of the gradient. The log makes every slice's share its relative
+    error change, as a per-case PSNR average weighs it.
+    """
+    mse = (restored - clean).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(mse.clamp_min(1e-10)).mean()
+
+
+REC_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "psnr": negative_psnr_loss}
+
+
+@dataclass
+class RunConfig:
+    """One training run; written beside its outputs so every model says how it was made."""
+
+    data: list[str]
+    """Dataset folders (nnU-Net layout), or one `.vldun` file that `vldun prepare` made from them."""
+    out: str
+    preset: str = "compact"
+    ablation: str = "full"
+    architecture: str = "vldun"
+    model: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the preset's config (e.g. `channels: 32` for the U-Net baseline)."""
+    seed: int = 0
+    split_seed: int | None = None
+    """Seed of the per-dataset train/validation split; None: `seed`. A continuation that draws new batches (another
+    `seed`) names its start's seed here, so that the start's held-out cases stay held out (`check_held_out`)."""
+    patch: int = 128
+    val_fraction: float = 0.2
+    prior: StageConfig = field(default_factory=lambda: StageConfig(steps=400, batch_size=32, lr=5e-4))
+    joint: StageConfig = field(default_factory=lambda: StageConfig(steps=2000, batch_size=8, lr=1e-3))
+    augment: dict[str, Any] = field(default_factory=dict)
+    """Augmentation beyond flips and quarter turns (`augmentation.Augmentation` fields: zoom, rotation_degrees,
+    gamma, window, probability); empty: flips and turns only."""
+    dataset_weights: dict[str, float] = field(default_factory=dict)
+    """Share of the batches each dataset gets, by its short name (the `name` of its dataset.json), relative to 1
+    for a dataset not named: `{COVID19CT: 2}` draws COVID-19 slices twice as often as each other dataset. Empty:
+    every dataset equally often, whatever its size."""
+    primitive_fraction: float = 0.25
+    """Share of stage-2 batches degraded by a primitive (noise, blur, ...) instead of the undersampling protocol."""
+    prior_balanced: bool = False
+    """Stage 1 draws each of a modality's five degradations equally often (`random_degradation(balanced=True)`);
+    false: the protocol half the time, as runs before stop 23 were trained."""
+    prior_native_fraction: float = 0.0
+    """Share of each stage-1 batch that is tiles of training slices degraded at their own size (`native_tiles`),
+    what the prior reads of a scan in Slicer (`inference.prior_tiles`); the rest is slices at patch size. Needs the
+    dataset folders as `data:`. 0: patch size only, as runs before stop 24 were trained."""
+    joint_native_fraction: float = 0.0
+    """The same for stage 2: that share of each batch is tiles degraded at their own size, with their clean tiles, and
+    trains restoration only (Slicer restores at the scan's own size but segments at patch size)."""
+    joint_trainable: list[str] | None = None
+    """Stage 2 trains only the network parameters whose names match one of these `fnmatch` patterns, e.g.
+    `["*.attention.kv.*"]`: after a prior re-tune, only the projections that read its tokens follow it, and the
+    trunk and heads keep what they learned. None: the whole network."""
+    rec_weight: float = 1.0
+    rec_loss: str = "l1"
+    """Restoration loss: "l1", "mse" or "psnr" (`negative_psnr_loss`). Under L1 a zero residual is optimal wherever
+    the features cannot yet predict it, and each pixel's gradient is a sign that cancels out; MSE pulls towards the
+    mean, which PSNR measures; "psnr" also weighs CT's small errors as much as MRI's (MODEL_CARD.md)."""
+    seg_weight: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    checkpoint_every: int = 100
+    time_limit_minutes: float | None = None
+    """Stop stage 2 after this wall time (equal-compute comparisons); the learning rate decays over it and the
+    model is exported as usual. A time-limited run is not bit-reproducible (the schedule follows the clock)."""
+    threads: int | None = None
+    clip_weights: str | None = None
+    init_weights: str | None = None
+    """A VLDUN .safetensors to start from (fine-tuning): tensors whose name and shape match are copied."""
+    init_modules: list[str] | None = None
+    """With `init_weights`, copy only these top-level parts of the model ([prior]: stage 2 from scratch on a tuned
+    prior, so that a GPU run spends its minutes on the network)."""
+    amp: bool = True
+    """bf16 autocast on CUDA (ignored on the CPU, where bf16 is slower here)."""
+
+    @property
+    def split(self) -> int:
+        """The seed the train/validation split is drawn with."""
+        return split_seed_of(vars(self))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prior, dict):
+            self.prior = StageConfig(**self.prior)
+        if isinstance(self.joint, dict):
+            self.joint = StageConfig(**self.joint)
+        Augmentation.from_config(self.augment)
+        if self.init_modules is not None and not self.init_weights:
+            raise ValueError("init_modules names parts of init_weights; add `init_weights:` (a VLDUN .safetensors).")
+        for name in ("prior_native_fraction", "joint_native_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a share of the batch, 0 to 1; got {getattr(self, name)}")
+        if self.rec_loss not in REC_LOSSES:
+            raise ValueError(f"rec_loss must be one of {sorted(REC_LOSSES)}; got {self.rec_loss!r}")
+
+
+def read_run_settings(path: Path, children: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's settings with its paths resolved against its folder, laid over those of its `base:` file.
+
+    A continuation run repeats its predecessor but for a few keys; `base:` names that predecessor's config, so the
+    difference is all the file says. Nested tables (`joint:`, `model:`) are merged key by key."""
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        raw = tomllib.loads(text)
+    else:
+        raw = yaml.safe_load(text)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a run config is a mapping with at least `data:` (dataset folders or a prepared "
+                         ".vldun file) and `out:` (run folder).")
+    folder = path.parent
+    if "data" in raw:
+        raw["data"] = [str((folder / d).resolve()) for d in raw["data"]]
+    for key in ("out", "init_weights"):
+        if raw.get(key):
+            raw[key] = str((folder / raw[key]).resolve())
+    parent = raw.pop("base", None)
+    if parent is None:
+        return raw
+    parent_path = (folder / parent).resolve()
+    if parent_path in (*children, path.resolve()):
+        raise ValueError(f"{path}: `base: {parent}` leads back to itself; point it at another run's config.")
+    if not parent_path.is_file():
+        raise ValueError(f"{path}: `base: {parent}` is not a file; name a run config relative to this one's folder.")
+    return merge_settings(read_run_settings(parent_path, (*children, path.resolve())), raw)
+
+
+def merge_settings(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` laid over `base`: its nested mappings key by key, everything else replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            value = merge_settings(base[key], value)
+        merged[key] = value
+    return merged
+
+
+def load_run_config(path: Path) -> RunConfig:
+    """A run config from YAML (or TOML), with its `base:` chain; relative paths are relative to the file naming them."""
+    raw = read_run_settings(path)
+    if "data" not in raw or "out" not in raw:
+        raise ValueError(f"{path}: a run config needs at least `data:` (dataset folders or a prepared .vldun file) "
+                         "and `out:` (run folder).")
+    try:
+        return RunConfig(**raw)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def check_held_out(init_weights: str, validation_cases: dict[str, list[str]]) -> None:
+    """Refuse to train on cases that the starting model held out: they would no longer be held out for anything
+    trained from it, and its evaluation would report training cases. (A continuation with another `seed` and so
+    another split reported held-out ACDC Dice 0.76 and BraTS whole tumour 0.70 against 0.65 and 0.06; MODEL_CARD.md.)"""
+    _, info = read_model_info(init_weights)
+    held_out = info.extra.get("validation_cases") or {}
+    leaked = {name: sorted(set(cases) - set(validation_cases[name])) for name, cases in held_out.items()
+              if name in validation_cases}
+    leaked = {name: cases for name, cases in leaked.items() if cases}
+    if leaked:
+        start = info.extra.get("run", {})
+        seed = split_seed_of(start)
+        shown = "; ".join(f"{name}: {', '.join(cases[:3])}{' ...' if len(cases) > 3 else ''}"
+                          for name, cases in leaked.items())
+        raise ValueError(
+            f"init_weights {Path(init_weights).name} held out cases that this run's split would train on ({shown}). "
+            f"Keep its split: set `split_seed: {seed}` and `val_fraction: {start.get('val_fraction', 0.2)}` in the run "
+            "config (a different `seed` still draws new batches)."
+        )
+
+
+def step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Generator:
+    """All randomness of one step: independent of what ran before, so resuming is exact.
+
+    The seed is a SHA-256 of the step's identity, not Python's ``hash``, which is salted per process and
+    would give a resumed run (a new process) other batches than the uninterrupted one.
+    """
+    digest = hashlib.sha256(f"{seed}/{stage}/{step}/{rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def learning_rate(stage: StageConfig, step: int, time_fraction: float = 0.0) -> float:
+    """Linear warm-up then cosine decay to 1 % of the peak.
+
+    The decay follows the larger of the step fraction and `time_fraction` (elapsed / time limit), so a
+    run cut by a wall-time budget still ends on a fully decayed learning rate.
+    """
+    if step < stage.warmup:
+        return stage.lr * (step + 1) / stage.warmup
+    progress = max((step - stage.warmup) / max(1, stage.steps - stage.warmup), time_fraction)
+    return stage.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def degrade_batch(
+    clean: torch.Tensor,
+    imaging: list[str],
+    generator: torch.Generator,
+    primitives: bool,
+    chunk: int = 4,
+    balanced: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Degrade a batch in small chunks of one imaging type each, so one batch mixes several degradations.
+
+    Runs on the batch's device (the training GPU: a 128-slice batch takes 100-180 ms on 2 CPU threads, longer
+    than the H100's whole training step); the draws come from the CPU generator, so a GPU run degrades as a
+    CPU run does, to float rounding.
+    """
+    degraded = torch.empty_like(clean)
+    labels = torch.empty(len(clean), dtype=torch.long)
+    for kind in sorted(set(imaging)):
+        idx = [i for i, k in enumerate(imaging) if k == kind]
+        for start in range(0, len(idx), chunk):
+            part = idx[start : start + chunk]
+            out = random_degradation(clean[part], kind, generator, primitives=primitives, balanced=balanced)
+            degraded[part] = out.image
+            labels[part] = out.label
+    return degraded, labels
+
+
+class NativeTiles(NamedTuple):
+    """What `native_tiles` gives: (N, 1, P, P) degraded and clean tiles, degradation labels, modality classes."""
+
+    degraded: torch.Tensor
+    clean: torch.Tensor
+    labels: torch.Tensor
+    modality: torch.Tensor
+
+
+def native_tiles(
+    dataset: SliceDataset, count: int, size: int, imaging: list[str], generator: torch.Generator,
+    primitives: bool = True, balanced: bool = False, weights: Mapping[str, float] | None = None,
+) -> NativeTiles:
+    """``count`` inputs (N, 1, size, size) as a scan at its own size gives them, their clean tiles, degradation labels
+    and modality classes: a training slice larger than ``size`` degraded whole at its own size
+    (`random_degradation(primitives, balanced)`), then one size x size tile of both at a random place, letterboxed as
+    `inference.prior_tiles` does.
+
+    At patch size a 487-pixel CT slice is shrunk 4x before it is degraded; in Slicer its 60 spokes, noise and blur
+    act on the full grid and the prior reads 128-pixel tiles of it, a scale it never trained on (held out,
+    COVID-19's sparse-view was read as blur on 7 of 10 trials).
+    """
+    indices = dataset.native_indices(count, size, generator, weights).tolist()
+    degraded, clean, labels = [], [], []
+    for index in indices:
+        kind = imaging[int(dataset.sample_modality[index])]
+        own = dataset.native_slice(index)
+        out = random_degradation(own, kind, generator, primitives=primitives, balanced=balanced)
+        height, width = own.shape[-2:]
+        top = int(torch.randint(0, max(1, height - size + 1), (), generator=generator))
+        left = int(torch.randint(0, max(1, width - size + 1), (), generator=generator))
+        for image, tiles in ((out.image, degraded), (own, clean)):
+            tiles.append(resize_images(image[..., top : top + size, left : left + size], size))
+        labels.append(out.label)
+    return NativeTiles(torch.cat(degraded), torch.cat(clean), torch.tensor(labels, dtype=torch.long),
+                       dataset.sample_modality[indices])
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + soft Dice over background and the sample's own dataset classes only."""
+    masked = logits.float().masked_fill(~class_mask[:, :, None, None], -1e4)
+    ce = F.cross_entropy(masked, target)
+    probs = masked.softmax(1)
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
+    inter = (probs * onehot).sum((2, 3))
+    denom = probs.sum((2, 3)) + onehot.sum((2, 3))
+    dice = (2 * inter + 1) / (denom + 1)
+    fg = class_mask.clone()
+    fg[:, 0] = False
+    return ce + (1 - dice)[fg].mean()
+
+
+class Trainer:
+    """Runs both stages with checkpoints, a progress bar and a CSV log; exports safetensors at the end."""
+
+    def __init__(self, run: RunConfig) -> None:
+        self.run = run
+        self.out = Path(run.out)
+        self.rank, self.world = init_distributed()
+        self.device = torch.device(f"cuda:{self.rank % max(1, torch.cuda.device_count())}" if torch.cuda.is_available() else "cpu")
+        if run.threads:
+            torch.set_num_threads(run.threads)
+        if self.rank == 0 and (advice := missing_cuda_scan(self.device)):
+            print(advice)
+        native = run.prior_native_fraction > 0 or run.joint_native_fraction > 0
+        self.slices = prepared.for_run(run.data, run.patch, run.val_fraction, run.split, native)
+        self.modalities, self.labels, self.train_set = self.slices.modalities, self.slices.labels, self.slices.train
+        if native and not len(self.train_set.native_indices(1, run.patch)):
+            raise ValueError(f"prior/joint_native_fraction: no training slice is larger than the patch ({run.patch} "
+                             "px), so its tiles would be the patch-size slices: set both to 0")
+        self.train_set.dataset_shares(run.dataset_weights)  # a misspelt name fails here, before any step
+        self.train_set.augmentation = Augmentation.from_config(run.augment)
+        torch.manual_seed(run.seed)
+        self.config = make_config(
+            run.preset, run.ablation, **{
+                **run.model, "architecture": run.architecture, "num_classes": len(self.labels.keys),
+                "modalities": tuple(m.key for m in self.modalities),
+            },
+        )
+        self.model = build_model(self.config, clip_weights=run.clip_weights).to(self.device)
+        self.imaging = [m.imaging for m in self.modalities]
+
+    def native_count(self, stage: str) -> int:
+        """Samples per batch of a stage taken as `native_tiles`."""
+        if stage == "prior":
+            return round(self.run.prior_native_fraction * self.run.prior.batch_size)
+        return round(self.run.joint_native_fraction * self.run.joint.batch_size)
+
+    def batch(self, stage: str, step: int, size: int) -> dict[str, torch.Tensor]:
+        generator = step_generator(self.run.seed, stage, step, self.rank)
+        size -= self.native_count(stage)
+        indices = self.train_set.balanced_indices(size, generator, self.run.dataset_weights)
+        items = [self.train_set.item(i, generator) for i in indices]
+        return {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in items[0]}
+
+    def stages(self) -> list[str]:
+        return (["prior"] if self.model.prior is not None else []) + ["joint"]
+
+    def trainable(self, stage: str) -> list[nn.Parameter]:
+        if stage == "prior":
+            return [p for p in self.model.prior.parameters() if p.requires_grad]
+        prior = {id(p) for p in self.model.prior.parameters()} if self.model.prior is not None else set()
+        named = [(name, p) for name, p in self.model.named_parameters() if id(p) not in prior]
+        patterns = self.run.joint_trainable
+        if patterns is None:
+            return [p for _, p in named]
+        chosen = [p for name, p in named if any(fnmatch(name, pattern) for pattern in patterns)]
+        if not chosen:
+            raise ValueError(f"joint_trainable {patterns} matches no parameter of the network; names look like "
+                             f"{[name for name, _ in named[:3]]}")
+        return chosen
+
+    def restoration_trains(self) -> bool:
+        """Whether the restoration loss reaches a weight that trains; if not, the restoration pass is skipped."""
+        return any(p.requires_grad for _, p in self.model.restoration_parameters())
+
+    def segmentation_trains(self) -> bool:
+        """Whether the segmentation loss reaches a weight that trains; if not, the segmentation pass is skipped."""
+        return any(p.requires_grad for _, p in self.model.segmentation_parameters())
+
+    def freeze_all_but(self, params: list[nn.Parameter]) -> None:
+        """Stage 2 with `joint_trainable`: the other weights get no gradient, so backward skips their work."""
+        chosen = {id(p) for p in params}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in chosen)
+
+    def prior_step(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        imaging = [self.imaging[m] for m in batch["modality"].tolist()]
+        degraded, deg_labels = degrade_batch(
+            batch["clean"].to(self.device), imaging, generator, primitives=True, balanced=self.run.prior_balanced
+        )
+        modality = batch["modality"]
+        if count := self.native_count("prior"):
+            tiles = native_tiles(self.train_set, count, self.run.patch, self.imaging, generator,
+                                 balanced=self.run.prior_balanced, weights=self.run.dataset_weights)
+            degraded = torch.cat([degraded, tiles.degraded.to(self.device)])
+            deg_labels, modality = torch.cat([deg_labels, tiles.labels]), torch.cat([modality, tiles.modality])
+        out = self.net(degraded)
+        mod = focal_loss(out.modality_logits, modality.to(self.device), self.run.focal_alpha, self.run.focal_gamma)
+        deg = image_text_loss(out.degradation_logits, deg_labels.to(self.device))
+        return {"loss": mod + deg, "modality": mod, "degradation": deg}
+
+    def joint_step(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        imaging = [self.imaging[m] for m in batch["modality"].tolist()]
+        primitives = torch.rand((), generator=generator).item() < self.run.primitive_fraction
+        clean = batch["clean"].to(self.device)
+        degraded, _ = degrade_batch(clean, imaging, generator, primitives=primitives)
+        labelled = len(clean)
+        if count := self.native_count("joint"):
+            tiles = native_tiles(self.train_set, count, self.run.patch, self.imaging, generator, primitives,
+                                 weights=self.run.dataset_weights)
+            degraded = torch.cat([degraded, tiles.degraded.to(self.device)])
+            clean = torch.cat([clean, tiles.clean.to(self.device)])
+        with torch.no_grad():
+            prior = self.model.compute_prior(degraded)
+        with autocast(self.device, self.run.amp):
+            out = self.net(degraded, prior, restore=self.restoration_trains(), segment=self.segmentation_trains())
+        losses: dict[str, torch.Tensor] = {}
+        if out.restored is not None:
+            losses["rec"] = self.run.rec_weight * REC_LOSSES[self.run.rec_loss](out.restored.float(), clean)
+        if out.seg_logits is not None:
+            losses["seg"] = self.run.seg_weight * segmentation_loss(
+                out.seg_logits[:labelled], batch["label"].to(self.device), batch["class_mask"].to(self.device)
+            )
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def fit(self, resume: bool) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "run.json").write_text(json.dumps(asdict(self.run), indent=2) + "\n")
+        if resume:
+            state = load_checkpoint(self.out, self.model)
+        else:
+            self.start_from_init_weights()
+            state = {"stage": None, "step": 0}
+        for stage in self.stages():
+            done = state["stage"] is not None and self.stages().index(stage) < self.stages().index(state["stage"])
+            if done:
+                continue
+            first = state["step"] if state["stage"] == stage else 0
+            self.run_stage(stage, first, state if state["stage"] == stage else None)
+        return self.export()
+
+    def start_from_init_weights(self) -> None:
+        """Fine-tuning start; a resumed run skips it (its checkpoint has every tensor), so the file may be gone."""
+        if self.run.init_weights:
+            check_held_out(self.run.init_weights, self.slices.validation_cases)
+            fresh = load_matching_weights(self.model, self.run.init_weights, self.run.init_modules)
+            shown = fresh if len(fresh) <= 20 else f"all of {sorted({key.split('.')[0] for key in fresh})}"
+            print(f"Started from {self.run.init_weights}; {len(fresh)} tensors kept their fresh initialisation: {shown}")
+
+    def run_stage(self, stage: str, first: int, resumed: dict[str, Any] | None) -> None:
+        cfg = self.run.prior if stage == "prior" else self.run.joint
+        params = self.trainable(stage)
+        if stage == "joint" and self.run.joint_trainable is not None:
+            self.freeze_all_but(params)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if resumed is not None:
+            load_optimizer(self.out, optimizer)
+        step_fn = self.prior_step if stage == "prior" else self.joint_step
+        module = self.model.prior if stage == "prior" else self.model
+        self.net = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True) if self.world > 1 else module
+        self.model.train()
+        log = CsvLog(self.out / "log.csv", self.rank == 0)
+        bar = tqdm(range(first, cfg.steps), desc=f"stage {stage}", disable=self.rank != 0, initial=first, total=cfg.steps)
+        limit = 60 * self.run.time_limit_minutes if stage == "joint" and self.run.time_limit_minutes else None
+        stage_start = time.monotonic()
+        for step in bar:
+            elapsed = time.monotonic() - stage_start
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step, elapsed / limit if limit else 0.0)
+            generator = step_generator(self.run.seed, stage, step, self.rank)
+            losses = step_fn(self.batch(stage, step, cfg.batch_size), generator)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            values = {k: v.item() for k, v in losses.items()}
+            bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
+            log.write(stage, step, optimizer.param_groups[0]["lr"], values)
+            last = step + 1 == cfg.steps
+            over_time = limit is not None and time.monotonic() - stage_start > limit
+            if self.rank == 0 and ((step + 1) % self.run.checkpoint_every == 0 or last or over_time):
+                save_checkpoint(self.out, self.model, optimizer, stage, step + 1)
+            if over_time:
+                break
+        self.model.eval()
+
+    def export(self) -> Path:
+        info = ModelInfo(
+            config=self.config,
+            classes=list(self.labels.keys),
+            dataset_classes={k: list(v) for k, v in self.labels.dataset_classes.items()},
+            ood_threshold=self.calibrate_ood_threshold(),
+            train_size=self.run.patch,
+            extra={
+                "run": asdict(self.run),
+                "datasets": list(self.slices.validation_cases),
+                "validation_cases": self.slices.validation_cases,
+            },
+        )
+        path = self.out / "model.safetensors"
+        if self.rank == 0:
+            save_weights(self.model, info, path)
+        return path
+
+    @torch.no_grad()
+    def calibrate_ood_threshold(self, quantile: float = 0.02, margin: float = 0.8) -> float:
+        """`margin` x the 2nd percentile of the pooled modality confidence over degraded validation volumes.
+
+        98 % of held-out in-distribution scans are then above the threshold by construction; scans under it
+        are flagged as unlike the training data.
+        """
+        if self.model.prior is None:
+            return 0.0
+        confidences = []
+        for val_set in self.slices.validation.values():
+            for start in range(0, len(val_set), 16):
+                idx = list(range(start, min(start + 16, len(val_set))))
+                items = [val_set.item(i, None) for i in idx]
+                clean = torch.stack([torch.as_tensor(item["clean"]) for item in items])
+                modality = [item["modality"] for item in items]
+                generator = step_generator(self.run.seed, "calibrate", start, 0)
+                degraded, _ = degrade_batch(clean, [self.imaging[int(m)] for m in modality], generator, primitives=False)
+                probs = self.model.compute_prior(degraded.to(self.device)).modality_probs
+                confidences += probs.max(1).values.cpu().tolist()
+        if not confidences:
+            return 0.5
+        return float(margin * np.quantile(confidences, quantile))
+
+
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group that `torchrun` set up, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+class CsvLog:
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        self.started = time.monotonic()
+
+    def write(self, stage: str, step: int, lr: float, losses: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(["stage", "step", "lr", "seconds", "loss", "rec", "seg", "modality", "degradation"])
+            row = [losses.get(k, "") for k in ("loss", "rec", "seg", "modality", "degradation")]
+            writer.writerow([stage, step, f"{lr:.3g}", f"{time.monotonic() - self.started:.1f}", *row])
+
+
+def save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, stage: str, step: int) -> None:
+    """Model + optimizer tensors as safetensors, the rest as JSON; written atomically (rename)."""
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for index, values in opt["state"].items():
+        for name, value in values.items():
+            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value).contiguous().cpu()
+    tmp = out / "checkpoint.tmp.safetensors"
+    save_file(tensors, str(tmp))
+    meta = {"stage": stage, "step": step, "param_groups": opt["param_groups"]}
+    (out / "checkpoint.tmp.json").write_text(json.dumps(meta))
+    tmp.replace(out / "checkpoint.safetensors")
+    (out / "checkpoint.tmp.json").replace(out / "checkpoint.json")
+
+
+def load_checkpoint(out: Path, model: nn.Module) -> dict[str, Any]:
+    path = out / "checkpoint.safetensors"
+    if not path.is_file():
+        raise ValueError(f"No checkpoint in {out} to resume from; start without --resume.")
+    tensors = load_file(str(path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    return json.loads((out / "checkpoint.json").read_text())
+
+
+def load_optimizer(out: Path, optimizer: torch.optim.Optimizer) -> None:
+    tensors = load_file(str(out / "checkpoint.safetensors"))
+    meta = json.loads((out / "checkpoint.json").read_text())
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def train_from_file(path: Path, resume: bool = False) -> Path:
+    run = load_run_config(path)
+    weights = Trainer(run).fit(resume)
+    print(f"Model written to {weights} (+ {weights.with_suffix('.json').name})")
+    return weights
