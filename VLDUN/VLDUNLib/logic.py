@@ -3,12 +3,15 @@
 The same code runs inside the 3D Slicer application and in plain Python with `slicer-core`: it never
 imports Qt and never uses `slicer.app` or `slicer.mrmlScene`; the scene is the input node's own.
 It imports without torch, so the module can offer to install `missing_dependencies()` first;
-`Cancelled`, `Detection` and `DEGRADATION_CHOICES` load torch on first use.
+`DEGRADATION_CHOICES` loads torch on first use.
 
-Order of work: check everything (`validate_input`, the outputs, the options), predict, then write.
-Nothing in the scene changes before the prediction has finished, so a cancel (`Cancelled`, raised
-between batches) or a failed prediction leaves the scene exactly as it was; if writing fails, both
-outputs get their previous content back. The input node is only read.
+The model runs in a worker process (`job.VLDUNJob`: start, poll, cancel), so Slicer's GUI stays
+responsive; `VLDUNLogic.process` is the same job run to the end for scripts. Order of work: check
+everything (`validate_input`, the outputs, the options), predict, then write. Nothing in the scene
+changes before the prediction has finished, so a cancel or a failed prediction leaves the scene exactly
+as it was; if writing fails, both outputs get their previous content back. The input node is only read.
+An output segmentation holding segments VL-DUN did not make (`foreign_segments`) is refused unless
+`replace_segments=True`; segments marked Completed are never replaced.
 
 Headless use, Slicer application without a window
 (`Slicer --no-main-window --python-script run_vldun.py scan.nrrd out/scan`)::
@@ -34,7 +37,6 @@ Plain Python (`pip install slicer-core`, or PythonSlicer) has no `slicer.mrmlSce
 from __future__ import annotations
 
 import importlib.util
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -44,10 +46,10 @@ import slicer
 import slicer.util
 
 from . import mrml
-from .terminology import segment_style
 
 if TYPE_CHECKING:
-    from .inference import Detection, Prediction, SegmentClass
+    from .job import VLDUNJob
+    from .results import Detection, Prediction
 
 REQUIREMENTS: dict[str, str] = {
     "torch": "torch",
@@ -85,11 +87,11 @@ class Predictor(Protocol):
 
 
 def __getattr__(name: str) -> Any:
-    """Re-exports that need torch, loaded on first use (PEP 562) so this module imports without it."""
+    """Re-exports loaded on first use (PEP 562), so this module imports without torch and without a cycle."""
     if name in ("Cancelled", "Detection"):
-        from . import inference
+        from . import results
 
-        return getattr(inference, name)
+        return getattr(results, name)
     if name == "DEGRADATION_CHOICES":
         from .degradations import DEGRADATIONS
 
@@ -217,8 +219,10 @@ def validate_outputs(
     input_volume: slicer.vtkMRMLScalarVolumeNode,
     output_volume: slicer.vtkMRMLNode | None,
     output_segmentation: slicer.vtkMRMLNode | None,
+    replace_segments: bool = False,
 ) -> None:
-    """The outputs must exist, be of the right kind, live in the input's scene and not be the input."""
+    """The outputs must exist, be of the right kind, live in the input's scene and not be the input; the
+    segmentation must hold no finished segments, nor (unless `replace_segments`) segments VL-DUN did not make."""
     if output_volume is None or output_volume.GetClassName() != "vtkMRMLScalarVolumeNode":
         raise ValueError("Select or create a scalar volume node as the output (restored) volume.")
     if output_segmentation is None or not output_segmentation.IsA("vtkMRMLSegmentationNode"):
@@ -233,6 +237,32 @@ def validate_outputs(
                 f"The output {_node_label(node)} is not in the input's scene; add it there (scene.AddNode) first."
             )
     _check_not_completed(output_segmentation)
+    if not replace_segments:
+        _check_no_foreign_segments(output_segmentation)
+
+
+def _segment_list(segmentation: slicer.vtkMRMLSegmentationNode) -> list[slicer.vtkSegment]:
+    content = segmentation.GetSegmentation()
+    return [content.GetNthSegment(i) for i in range(content.GetNumberOfSegments())]
+
+
+def foreign_segments(segmentation: slicer.vtkMRMLSegmentationNode) -> list[str]:
+    """Names of the segments VL-DUN did not make (drawn by hand, imported, from another tool).
+
+    VL-DUN tags the segments it makes (`mrml.MODEL_TAG`); a run replaces all segments of its output, so
+    these would be lost without a word.
+    """
+    return [segment.GetName() for segment in _segment_list(segmentation) if not segment.HasTag(mrml.MODEL_TAG)]
+
+
+def _check_no_foreign_segments(segmentation: slicer.vtkMRMLSegmentationNode) -> None:
+    others = foreign_segments(segmentation)
+    if others:
+        raise ValueError(
+            f"The output segmentation {_node_label(segmentation)} holds segments VL-DUN did not make "
+            f"({', '.join(others)}), which a run would delete. Choose 'Create new segmentation' as the output, "
+            "or confirm replacing them (replace_segments=True)."
+        )
 
 
 def completed_segments(segmentation: slicer.vtkMRMLSegmentationNode) -> list[str]:
@@ -242,9 +272,7 @@ def completed_segments(segmentation: slicer.vtkMRMLSegmentationNode) -> list[str
     finished (corrected by hand), so a re-run must not replace it.
     """
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    segmentation_data = segmentation.GetSegmentation()
-    segments = (segmentation_data.GetNthSegment(i) for i in range(segmentation_data.GetNumberOfSegments()))
-    return [segment.GetName() for segment in segments if logic.GetSegmentStatus(segment) == logic.Completed]
+    return [s.GetName() for s in _segment_list(segmentation) if logic.GetSegmentStatus(s) == logic.Completed]
 
 
 def _check_not_completed(segmentation: slicer.vtkMRMLSegmentationNode) -> None:
@@ -258,7 +286,7 @@ def _check_not_completed(segmentation: slicer.vtkMRMLSegmentationNode) -> None:
         )
 
 
-def _check_options(batch_size: int, degradation_override: str | None, mirror: bool) -> None:
+def check_options(batch_size: int, degradation_override: str | None, mirror: bool) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
     if not isinstance(mirror, bool):
@@ -273,71 +301,40 @@ def _check_options(batch_size: int, degradation_override: str | None, mirror: bo
             )
 
 
-def _read_only(array: np.ndarray) -> np.ndarray:
-    """The input's voxels as the model sees them: a view that cannot write into the input node."""
-    view = array.view()
-    view.flags.writeable = False
-    return view
-
-
-def _with_time_left(progress: ProgressCallback | None) -> Callable[[int, int], None] | None:
-    """Adds seconds_left, extrapolated from the mean time per slice so far."""
-    if progress is None:
-        return None
-    start = time.monotonic()
-
-    def report(done: int, total: int) -> None:
-        elapsed = time.monotonic() - start
-        progress(done, total, elapsed / max(done, 1) * (total - done))
-
-    return report
-
-
-def _content_stamp(node: slicer.vtkMRMLScalarVolumeNode) -> tuple[int, int]:
-    """What changes when the input's voxels or geometry change (image data and node modified times)."""
-    image = node.GetImageData()
-    return (image.GetMTime() if image is not None else 0, node.GetMTime())
-
-
-def _check_unchanged_during_run(
-    scene: Any, input_stamp: tuple[int, int], *nodes: Any
-) -> None:
-    """Nodes removed, or an input edited, while the model ran: write nothing rather than something stale."""
-    for node in nodes:
-        if node.GetScene() is not scene or scene.GetNodeByID(node.GetID()) is not node:
-            raise ValueError(f"{_node_label(node)} was removed from the scene while VLDUN ran; nothing was written. "
-                             "Select the nodes again and re-run.")
-    if _content_stamp(nodes[0]) != input_stamp:
-        raise ValueError(f"{_node_label(nodes[0])} was modified while VLDUN ran; nothing was written. Re-run on the "
-                         "current data.")
-
-
-def _segment_spec(segment: SegmentClass) -> mrml.SegmentSpec:
-    """Name from the model (it is what the detection reports); colour and codes from the terminology table."""
-    _, color, entry = segment_style(segment.key, segment.label)
-    return mrml.SegmentSpec(segment.label, segment.name, color, entry)
-
-
 class VLDUNLogic:
-    """Runs a VL-DUN model on volume nodes; keeps the loaded model between runs."""
+    """Runs a VL-DUN model on volume nodes, in a worker process (or, for tests and scripts, a given predictor)."""
 
     def __init__(self, weights: str | Path | None = None, predictor: Predictor | None = None) -> None:
-        """`predictor` replaces the model (tests); else `weights` (None: the shipped model) is loaded on first use."""
+        """`weights`: a .safetensors file (None: the shipped model); `predictor` replaces the model and runs in a
+        thread of this process instead of the worker (tests, scripts with their own model)."""
         self.weights = weights
-        self._predictor = predictor
-        self._injected = predictor is not None
-        self._device: str | None = None
+        self.predictor = predictor
 
-    def predictor(self, device: str) -> Predictor:
-        """The model for `device`, loaded once and reloaded only when the device changes."""
-        if self._injected:
-            return self._predictor
-        if self._predictor is None or self._device != device:
-            from .inference import VolumePredictor
+    def job(
+        self,
+        inputVolume: slicer.vtkMRMLScalarVolumeNode,
+        outputVolume: slicer.vtkMRMLScalarVolumeNode,
+        outputSegmentation: slicer.vtkMRMLSegmentationNode,
+        device: str = "auto",
+        progress: ProgressCallback | None = None,
+        degradation_override: str | None = None,
+        batch_size: int = 8,
+        mirror: bool = False,
+        replace_segments: bool = False,
+    ) -> VLDUNJob:
+        """A run not yet started: call its `start()`, then `poll()` (e.g. from a QTimer) until it returns True."""
+        from .job import InThread, JobOptions, VLDUNJob
 
-            self._predictor = VolumePredictor(self.weights, device)
-            self._device = device
-        return self._predictor
+        options = JobOptions(
+            weights=None if self.weights is None else str(self.weights),
+            device=device,
+            degradation_override=degradation_override,
+            batch_size=batch_size,
+            mirror=mirror,
+            replace_segments=replace_segments,
+        )
+        compute = InThread(self.predictor, options) if self.predictor is not None else None
+        return VLDUNJob(inputVolume, outputVolume, outputSegmentation, options, compute, progress)
 
     def process(
         self,
@@ -350,37 +347,19 @@ class VLDUNLogic:
         degradation_override: str | None = None,
         batch_size: int = 8,
         mirror: bool = False,
+        replace_segments: bool = False,
     ) -> Detection:
-        """Restore `inputVolume` into `outputVolume` and segment it into `outputSegmentation`.
+        """Restore `inputVolume` into `outputVolume` and segment it into `outputSegmentation`; returns when done.
 
         Slices are cut along the acquisition axis (`mrml.slice_axis`); the outputs get the input's
-        exact geometry and parent transform. Raises ValueError for unusable input (nothing changed)
-        and `Cancelled` when `should_cancel()` returned True (nothing changed). Returns what the
-        prior detected (modality, degradation, classes). `mirror` averages the segmentation over each slice
-        and its 3 mirror images: 4x the segmentation pass, a little better on large organs, worse on small
-        lesions (MODEL_CARD.md).
+        exact geometry and parent transform. Raises ValueError for unusable input (nothing changed),
+        `Cancelled` when `should_cancel()` returned True (nothing changed) and `job.WorkerFailed` when the
+        model's process failed (nothing changed). Returns what the prior detected (modality, degradation,
+        classes). `mirror` averages the segmentation over each slice and its 3 mirror images: 4x the
+        segmentation pass, a little better on large organs, worse on small lesions (MODEL_CARD.md).
         """
-        validate_input(inputVolume)
-        validate_outputs(inputVolume, outputVolume, outputSegmentation)
-        _check_options(batch_size, degradation_override, mirror)
-        axis = mrml.slice_axis(inputVolume)
-        scene, input_stamp = inputVolume.GetScene(), _content_stamp(inputVolume)
-        slices = mrml.volume_to_slices(_read_only(slicer.util.arrayFromVolume(inputVolume)), axis)
-        predictor = self.predictor(device)
-        predictor.mirror = mirror
-        prediction = predictor.predict(
-            slices,
-            batch_size=batch_size,
-            progress=_with_time_left(progress),
-            should_cancel=should_cancel,
-            degradation_override=degradation_override,
-        )
-        _check_unchanged_during_run(scene, input_stamp, inputVolume, outputVolume, outputSegmentation)
-        _check_not_completed(outputSegmentation)
-        segments = [_segment_spec(segment) for segment in prediction.detection.segments]
-        with mrml.outputs_restored_on_failure(outputVolume, outputSegmentation):
-            restored = mrml.slices_to_volume(prediction.restored, axis)
-            mrml.write_scalar_volume(outputVolume, restored, inputVolume)
-            labels = mrml.slices_to_volume(prediction.labels, axis)
-            mrml.write_segmentation(outputSegmentation, labels, inputVolume, segments)
-        return prediction.detection
+        from .job import run
+
+        job = self.job(inputVolume, outputVolume, outputSegmentation, device, progress, degradation_override,
+                       batch_size, mirror, replace_segments)
+        return run(job, should_cancel)
