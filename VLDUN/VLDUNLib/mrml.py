@@ -130,7 +130,7 @@ def write_scalar_volume(
     commit_scalar_volume(node, volume_image(array, reference), reference)
 
 
-def _ensure_closed_surface_rule() -> None:
+def ensure_closed_surface_rule() -> None:
     """Register labelmap<->surface conversion where no Segmentations module did (plain-Python slicer-core).
 
     In the Slicer application the module registers them at startup, so this does nothing there.
@@ -198,7 +198,7 @@ def build_segmentation(
     """
     _check_shape(labels, reference, "label")
     _check_labels(labels, segments)
-    _ensure_closed_surface_rule()
+    ensure_closed_surface_rule()
     labelmap = _labelmap_image(labels, reference)
     segmentation = slicer.vtkSegmentation()
     segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
