@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ class SliceRef:
         return self.case.case_id
 
 
-CaseLike = Case | SliceRef
+CaseLike = Union[Case, SliceRef]  # noqa: UP007 (evaluated at import: Python 3.9 has no X | Y)
 
 
 @dataclass

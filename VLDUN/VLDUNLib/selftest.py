@@ -64,8 +64,8 @@ def run_self_test(scene: slicer.vtkMRMLScene, device: str = "cpu") -> list[str]:
     assert names == detection.segment_names, f"segments {names} differ from the detected classes"
     lines = [
         f"restored volume {voxels.shape[::-1]} voxels, geometry equal to the input, values finite",
-        f"detected {detection.modality} ({detection.modality_probability:.0%}), "
-        f"{detection.degradation} ({detection.degradation_probability:.0%})",
+        (f"detected {detection.modality} ({detection.modality_probability:.0%}), "
+         f"{detection.degradation} ({detection.degradation_probability:.0%})"),
     ]
     if names:
         lines.append(f"segmentation node with {len(names)} named segments: {', '.join(names)}")

@@ -1,4 +1,4 @@
-"""The Slicer module, its ctest file and the product library run on Python 3.9 (3D Slicer 5.8), checked by vermin.
+"""The Slicer module, its ctest file and the library code it runs work on Python 3.9 (3D Slicer 5.8), checked by vermin.
 
 vermin finds standard-library members and syntax newer than 3.9. Its union-type detection (`X | Y`) also
 reports annotations, which `from __future__ import annotations` keeps as strings that Python 3.9 never
@@ -14,7 +14,34 @@ import sys
 from pathlib import Path
 
 MODULE_DIR = Path(__file__).resolve().parents[2]
-CHECKED = [MODULE_DIR / "VLDUN.py", MODULE_DIR / "VLDUNLib", Path(__file__).with_name("test_slicer_module_files.py")]
+LIBRARY = MODULE_DIR / "VLDUNLib"
+ENTRY_POINTS = ("logic", "job", "worker", "inference", "selftest")
+"""What Slicer runs: the module imports logic, job and selftest; the worker (PythonSlicer) imports inference."""
+
+
+def library_imports(name: str) -> set[str]:
+    """VLDUNLib modules that `name` imports (relative or absolute, at any depth of the file)."""
+    found = set()
+    for node in ast.walk(ast.parse((LIBRARY / f"{name}.py").read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("VLDUNLib")):
+            module = (node.module or "").removeprefix("VLDUNLib").lstrip(".")
+            found |= {module.split(".")[0]} if module else {alias.name for alias in node.names}
+    return {module for module in found if (LIBRARY / f"{module}.py").is_file()}
+
+
+def product_modules() -> set[str]:
+    """The entry points and everything they import from VLDUNLib (training and evaluation code stays out)."""
+    seen, todo = set(), [module for module in ENTRY_POINTS if (LIBRARY / f"{module}.py").is_file()]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(library_imports(module) - seen)
+    return seen
+
+
+CHECKED = [MODULE_DIR / "VLDUN.py", LIBRARY / "__init__.py", *(LIBRARY / f"{m}.py" for m in sorted(product_modules())),
+           Path(__file__).with_name("test_slicer_module_files.py")]
 TARGET = "3.9"
 UNION = "union types as `X | Y`"
 
@@ -49,6 +76,10 @@ def postponed_annotation_lines(path: Path) -> set[int]:
         elif isinstance(node, ast.AnnAssign):
             annotations.append(node.annotation)
     return {line for a in annotations for line in range(a.lineno, a.end_lineno + 1)}
+
+
+def test_the_checked_modules_include_what_the_worker_imports() -> None:
+    assert {"logic", "job", "worker", "inference", "mrml", "results", "network", "weights"} <= product_modules()
 
 
 def test_nothing_needs_a_python_newer_than_3_9() -> None:
