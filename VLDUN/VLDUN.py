@@ -1,21 +1,21 @@
 """3D Slicer module of the VLDUN extension: the GUI and the self-test around VLDUNLib.logic.
 
 VLDUNLib needs PyTorch, which is not installed when Slicer first loads this file, so VLDUNLib and
-torch are imported inside functions only.
+torch are imported inside functions only. The model runs in a worker process (VLDUNLib.job); this
+file polls it from a QTimer, so Slicer stays responsive. Supported: Slicer 5.8 (Python 3.9) and later.
 """
 
 import importlib
-import importlib.util
+import logging
 import math
-import platform
 import traceback
-from typing import Annotated
+from typing import Optional
 
 import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -25,12 +25,18 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 PAPER_TITLE = "Vision–Language Controlled Deep Unfolding for Joint Medical Image Restoration and Segmentation"
-DEVICES = ["auto", "cuda", "mps", "cpu"]
+MODULE_TITLE = "VL-DUN Restore & Segment"
+MINIMUM_SLICER = (5, 8)
+SUPPORTED_SLICER = "3D Slicer 5.8 or later"
 CUSTOM_WEIGHTS_INDEX = 1
+POLL_INTERVAL_MS = 100
 TORCH_REQUIREMENT = ">=2.1"
 TORCH_PACKAGES = ("torch", "torchvision")
 SLICER_BUNDLED_PACKAGES = {"numpy", "simpleitk", "requests"}
-MAMBA_OFFERED_SETTING = "VLDUN/MambaSsmOffered"
+WEIGHTS_TERMS = (
+    "The shipped network weights were trained on BraTS (CC BY-NC-SA) and ACDC (research use only) data and "
+    "follow their terms: non-commercial research use only. The code is Apache-2.0."
+)
 
 
 class VLDUN(ScriptedLoadableModule):
@@ -38,23 +44,40 @@ class VLDUN(ScriptedLoadableModule):
 
     def __init__(self, parent) -> None:
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "VLDUN"
+        self.parent.title = MODULE_TITLE
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
         self.parent.contributors = ["VLDUN developers"]
-        self.parent.helpText = """
+        self.parent.helpText = versionWarning() + f"""
 Restores a low-quality MRI or CT scan (noise, blur, motion, low resolution, undersampled or
-sparse-view acquisition) and segments it in one step.<br>
-Pick the input volume and press <b>Apply</b>. The <b>Detected</b> section then shows the modality
+sparse-view acquisition) and segments it in one step, with the VL-DUN network.<br>
+Pick the input volume and press <b>Apply</b>; the network runs in a separate process, so Slicer stays
+usable and <b>Cancel</b> stops it at once. The <b>Detected</b> section then shows the modality
 and degradation the model recognised; a warning appears when the scan is unlike the training data.
 Results are for research and need expert review; they are not for diagnosis.<br>
+Requires {SUPPORTED_SLICER}. {WEIGHTS_TERMS}<br>
 See the <a href="https://github.com/vldun/SlicerVLDUN">extension documentation</a>.
 """
         self.parent.acknowledgementText = f"""
 This extension implements VL-DUN as described in: P. Chen, Z. Huang, X. Wang, Y. Liu, B. Liang,
 H. Zeng, Y. Chen, <i>{PAPER_TITLE}</i>. Please cite this paper when you use the extension in your research.
+{WEIGHTS_TERMS}
 """
+        if versionWarning():
+            logging.getLogger(__name__).warning(f"{MODULE_TITLE} needs {SUPPORTED_SLICER}; this is Slicer {slicer.app.applicationVersion}.")
         slicer.app.connect("startupCompleted()", loadTerminology)
+
+
+def slicerTooOld() -> bool:
+    return (slicer.app.majorVersion, slicer.app.minorVersion) < MINIMUM_SLICER
+
+
+def versionWarning() -> str:
+    """Help-text banner for a Slicer older than the supported ones; empty where it is supported."""
+    if not slicerTooOld():
+        return ""
+    return (f"<p><b>This Slicer ({slicer.app.applicationVersion}) is too old for this module: it needs "
+            f"{SUPPORTED_SLICER}. Install a current Slicer.</b></p>")
 
 
 def loadTerminology() -> None:
@@ -68,16 +91,17 @@ def loadTerminology() -> None:
 class VLDUNParameterNode:
     """The module's choices, stored in the scene so they are saved and restored with it.
 
-    weightsPath "" means the shipped default weights; degradationOverride "" lets the model detect
-    the degradation; mirror averages the segmentation over 4 mirror images (off: it costs 4x the
-    segmentation pass and blurs away small lesions).
+    weightsPath "" means the shipped default weights; device is one of logic.available_devices() on
+    this computer (a scene saved elsewhere may name one absent here: the panel then shows "auto");
+    degradationOverride "" lets the model detect the degradation; mirror averages the segmentation
+    over 4 mirror images (off: it costs 4x the segmentation pass and blurs away small lesions).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     outputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     weightsPath: str = ""
-    device: Annotated[str, Choice(DEVICES)] = "auto"
+    device: str = "auto"
     degradationOverride: str = ""
     mirror: bool = False
 
@@ -98,7 +122,7 @@ class VLDUNParameterLogic(ScriptedLoadableModuleLogic):
 
 
 class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Module panel: choose volumes and options, run VL-DUN, show what it detected."""
+    """Module panel: choose volumes and options, run VL-DUN in its worker process, show what it detected."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -106,20 +130,27 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._vldunLogic = None
-        self._vldunWeights = None
-        self._running = False
-        self._cancelRequested = False
+        self._job = None
+        self._createdNodes = []
+        self._onCpuAfterOutOfMemory = False
+        self._pollTimer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        if slicerTooOld():
+            self.layout.addWidget(qt.QLabel(f"This module needs {SUPPORTED_SLICER}; "
+                                            f"this is Slicer {slicer.app.applicationVersion}."))
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/VLDUN.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = VLDUNParameterLogic()
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self._onPoll)
 
         self._fillDegradationComboBox()
+        self._fillDeviceComboBox()
         self.ui.progressBar.hide()
         self.ui.outOfDistributionLabel.hide()
 
@@ -128,11 +159,14 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self._onWeightsChanged)
         self.ui.weightsPathLineEdit.connect("currentPathChanged(QString)", self._onWeightsChanged)
         self.ui.degradationComboBox.connect("currentIndexChanged(int)", self._onDegradationChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._onDeviceChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
 
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        """Closing Slicer or reloading the module ends a running worker; the scene keeps its previous outputs."""
+        self._stopJob()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -142,6 +176,7 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._stopJob()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -179,11 +214,24 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name in DEGRADATION_CHOICES:
             comboBox.addItem(name.replace("_", " "), name)
 
-    def _showUnboundParameters(self) -> None:
-        """Copy weightsPath and degradationOverride into the GUI.
+    def _fillDeviceComboBox(self) -> None:
+        """The devices this computer really has (auto, its GPUs, cpu); asked again after torch is installed."""
+        from VLDUNLib.logic import available_devices
 
-        connectGui cannot bind them: ctkPathLineEdit binds only pathlib paths, and the degradation
-        names are known only at run time.
+        comboBox = self.ui.deviceComboBox
+        wasBlocked = comboBox.blockSignals(True)
+        comboBox.clear()
+        for device in available_devices():
+            comboBox.addItem(device, device)
+        comboBox.blockSignals(wasBlocked)
+        if self._parameterNode:
+            self._showUnboundParameters()
+
+    def _showUnboundParameters(self) -> None:
+        """Copy weightsPath, device and degradationOverride into the GUI.
+
+        connectGui cannot bind them: ctkPathLineEdit binds only pathlib paths, and the device and
+        degradation names are known only at run time.
         """
         weightsPath = self._parameterNode.weightsPath
         override = self._parameterNode.degradationOverride
@@ -191,8 +239,10 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.weightsPathLineEdit.currentPath = weightsPath
         self.ui.modelComboBox.currentIndex = CUSTOM_WEIGHTS_INDEX if weightsPath else 0
         self.ui.degradationComboBox.currentIndex = max(self.ui.degradationComboBox.findData(override), 0)
+        self.ui.deviceComboBox.currentIndex = max(self.ui.deviceComboBox.findData(self._parameterNode.device), 0)
         self._onWeightsChanged()
         self._onDegradationChanged()
+        self._onDeviceChanged()
 
     def _onWeightsChanged(self) -> None:
         custom = self.ui.modelComboBox.currentIndex == CUSTOM_WEIGHTS_INDEX
@@ -204,8 +254,12 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.degradationOverride = self.ui.degradationComboBox.currentData or ""
 
+    def _onDeviceChanged(self) -> None:
+        if self._parameterNode and self.ui.deviceComboBox.currentData:
+            self._parameterNode.device = self.ui.deviceComboBox.currentData
+
     def _checkCanApply(self, caller=None, event=None) -> None:
-        if self._running or not self._parameterNode:
+        if self._job is not None or not self._parameterNode:
             return
         inputVolume = self._parameterNode.inputVolume
         if inputVolume:
@@ -215,7 +269,7 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = problem is None
         self.ui.applyButton.toolTip = problem or "Restore the input volume and segment it."
 
-    def _applyProblem(self) -> str | None:
+    def _applyProblem(self) -> Optional[str]:  # noqa: UP045 (Python 3.9, Slicer 5.8, evaluates it)
         """Why Apply cannot run now, as a tooltip for the disabled button; None when it can."""
         parameters = self._parameterNode
         if not parameters.inputVolume:
@@ -229,62 +283,114 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onApplyButton(self) -> None:
         """Apply starts a run; while one runs, the same button cancels it."""
-        if self._running:
-            self._requestCancel()
+        if self._job is not None:
+            self._cancel()
             return
         try:
-            if dependenciesReady():
+            if dependenciesReady() and self._replacingConfirmed():
                 self._fillDegradationComboBox()
-                self._runOrOfferCpu()
-        except Exception as error:
-            slicer.util.errorDisplay(f"VLDUN failed: {error}", detailedText=traceback.format_exc())
+                self._fillDeviceComboBox()
+                self._onCpuAfterOutOfMemory = False
+                self._start(self._parameterNode.device)
+        except Exception as error:  # noqa: BLE001 (shown to the user)
+            self._fail(error)
 
-    def _runOrOfferCpu(self) -> None:
-        """A GPU out of memory even one slice at a time gets one question: run the same job on the CPU now."""
-        from VLDUNLib.inference import DeviceOutOfMemory
+    def _replacingConfirmed(self) -> bool:
+        """Segments someone drew (not made by VL-DUN) in the chosen output are replaced only after a yes."""
+        from VLDUNLib.logic import foreign_segments
 
-        try:
-            self._run()
-        except DeviceOutOfMemory as error:
-            question = f"{error}\n\nRun it on the CPU now? That is slower, but uses the computer's main memory."
-            if not slicer.util.confirmOkCancelDisplay(question, "VLDUN: GPU out of memory"):
-                raise
-            self._parameterNode.device = "cpu"
-            self._run()
+        segmentation = self._parameterNode.outputSegmentation
+        others = foreign_segments(segmentation) if segmentation else []
+        return not others or slicer.util.confirmOkCancelDisplay(
+            f"The output segmentation '{segmentation.GetName()}' holds segments VL-DUN did not make:\n\n  "
+            + "\n  ".join(others)
+            + "\n\nA run replaces all its segments, so these would be deleted. Replace them? Cancel, then choose "
+            "'Create new segmentation' as the output, to keep them.",
+            "VL-DUN: replace segments?")
 
-    def _run(self) -> None:
-        from VLDUNLib.logic import Cancelled
+    def _start(self, device: str) -> None:
+        """Start the worker; `device` is the panel's choice, or "cpu" for this run after the GPU ran out of memory."""
+        from VLDUNLib.logic import VLDUNLogic
 
         parameters = self._parameterNode
-        createdNodes = self._createMissingOutputs()
-        inputVolume, outputVolume, segmentation = (
-            parameters.inputVolume, parameters.outputVolume, parameters.outputSegmentation)
+        self._createdNodes = self._createMissingOutputs()
         self._clearDetection()
-        self._setRunning(True)
+        self._job = VLDUNLogic(parameters.weightsPath or None).job(
+            parameters.inputVolume,
+            parameters.outputVolume,
+            parameters.outputSegmentation,
+            device=device,
+            degradation_override=parameters.degradationOverride or None,
+            mirror=parameters.mirror,
+            replace_segments=True,
+        )
         try:
-            detection = self._computeLogic(parameters.weightsPath).process(
-                inputVolume,
-                outputVolume,
-                segmentation,
-                device=parameters.device,
-                progress=self._onProgress,
-                should_cancel=lambda: self._cancelRequested,
-                degradation_override=parameters.degradationOverride or None,
-                mirror=parameters.mirror,
-            )
-        except Cancelled:
-            removeNodes(createdNodes)
-            self._endProgress("Cancelled")
-            return
+            self._job.start()
         except Exception:
-            removeNodes(createdNodes)
-            self.ui.progressBar.hide()
+            self._job = None
+            removeNodes(self._createdNodes)
             raise
-        finally:
-            self._setRunning(False)
-        self._endProgress("Done")
-        self._showDetection(detection)
-        showResults(outputVolume, segmentation)
+        self._setRunning(True)
+        self._pollTimer.start()
+
+    def _onPoll(self) -> None:
+        """QTimer tick: take the worker's news or write one step of the outputs; each call returns in milliseconds."""
+        from VLDUNLib.job import GpuOutOfMemory
+
+        job = self._job
+        try:
+            finished = job.poll()
+        except GpuOutOfMemory as error:
+            self._finishJob()
+            self._offerCpu(error)
+            return
+        except Exception as error:  # noqa: BLE001 (shown to the user)
+            self._finishJob()
+            self._fail(error)
+            return
+        self._showStatus(job.status)
+        if finished:
+            self._finishJob()
+            self._createdNodes = []
+            self._endProgress("Done on the CPU: the GPU ran out of memory" if self._onCpuAfterOutOfMemory else "Done")
+            self._showDetection(job.detection)
+            showResults(self._parameterNode.outputVolume, self._parameterNode.outputSegmentation)
+
+    def _offerCpu(self, error: Exception) -> None:
+        """The GPU was too small even one slice at a time: one question, then this run only goes to the CPU."""
+        question = f"{error}\n\nRun it on the CPU now? That is slower, but uses the computer's main memory."
+        if not slicer.util.confirmOkCancelDisplay(question, "VL-DUN: GPU out of memory"):
+            self._endProgress("Stopped: the GPU ran out of memory")
+            return
+        self._onCpuAfterOutOfMemory = True
+        try:
+            self._start("cpu")
+        except Exception as startError:  # noqa: BLE001 (shown to the user)
+            self._fail(startError)
+
+    def _cancel(self) -> None:
+        """The worker is ended at once; the outputs are committed in one step, so nothing has changed yet."""
+        self._stopJob()
+        self._endProgress("Cancelled")
+
+    def _stopJob(self) -> None:
+        if self._job is None:
+            return
+        self._job.cancel()
+        self._finishJob()
+
+    def _finishJob(self) -> None:
+        """Stop polling; outputs this run created are removed unless it finished."""
+        self._pollTimer.stop()
+        if not self._job.finished:
+            removeNodes(self._createdNodes)
+        self._createdNodes = []
+        self._job = None
+        self._setRunning(False)
+
+    def _fail(self, error: Exception) -> None:
+        self.ui.progressBar.hide()
+        slicer.util.errorDisplay(f"VL-DUN failed: {error}", detailedText=traceback.format_exc())
 
     def _createMissingOutputs(self) -> list:
         """Outputs left on "Create new ..." are made now, so a cancelled or failed run can remove them again."""
@@ -301,43 +407,26 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             created.append(parameters.outputSegmentation)
         return created
 
-    def _computeLogic(self, weightsPath: str):
-        """Loading the network takes seconds, so the logic is kept while the weights stay the same."""
-        from VLDUNLib.logic import VLDUNLogic
-
-        if self._vldunLogic is None or self._vldunWeights != weightsPath:
-            self._vldunLogic = VLDUNLogic(weightsPath or None)
-            self._vldunWeights = weightsPath
-        return self._vldunLogic
-
     def _setRunning(self, running: bool) -> None:
-        self._running = running
-        self._cancelRequested = False
         for section in (self.ui.inputsCollapsibleButton, self.ui.outputsCollapsibleButton,
                         self.ui.advancedCollapsibleButton):
             section.enabled = not running
         self.ui.applyButton.text = "Cancel" if running else "Apply"
         if running:
             self.ui.applyButton.enabled = True
-            self.ui.applyButton.toolTip = "Stop the run; the scene is left as it was before Apply."
+            self.ui.applyButton.toolTip = "Stop the run now; the scene is left as it was before Apply."
             self.ui.progressBar.show()
             self.ui.progressBar.setRange(0, 0)
-            slicer.app.processEvents()
         else:
             self._checkCanApply()
 
-    def _requestCancel(self) -> None:
-        """The logic polls the flag between batches, so the button just records the request."""
-        self._cancelRequested = True
-        self.ui.applyButton.enabled = False
-        self.ui.applyButton.text = "Cancelling..."
-
-    def _onProgress(self, done: int, total: int, secondsLeft: float) -> None:
-        """Progress callback of VLDUNLogic.process: processing events keeps Slicer responsive and lets Cancel in."""
-        self.ui.progressBar.setRange(0, total)
-        self.ui.progressBar.value = done
-        self.ui.progressBar.format = progressText(done, total, secondsLeft)
-        slicer.app.processEvents()
+    def _showStatus(self, status) -> None:
+        """Busy bar with the phase until slices are counted, then slices done and time left."""
+        if status.total:
+            self.ui.progressBar.setRange(0, status.total)
+            self.ui.progressBar.value = status.done
+            self.ui.progressBar.format = progressText(status.done, status.total, status.seconds_left)
+        self.ui.progressBar.toolTip = status.phase.capitalize()
 
     def _endProgress(self, text: str) -> None:
         """A busy (0, 0) range hides the text, so the bar gets a real range before it shows the outcome."""
@@ -416,7 +505,6 @@ def dependenciesReady() -> bool:
                 f"These packages are still missing after the installation: {', '.join(stillMissing)}.\n"
                 "Restart Slicer and press Apply again.")
             return False
-    offerMambaSsm()
     return True
 
 
@@ -456,113 +544,25 @@ def installTorch() -> None:
             "PyTorch could not be installed. Install it in the PyTorch Utils module, then press Apply again.")
 
 
-def offerMambaSsm() -> None:
-    """Offer the optional CUDA kernels of mamba-ssm once.
-
-    They build only on Linux against a CUDA PyTorch; without them VLDUNLib uses its pure PyTorch
-    scan, so a failed build must not stop the run.
-    """
-    if platform.system() != "Linux" or importlib.util.find_spec("mamba_ssm") is not None:
-        return
-    settings = qt.QSettings()
-    if slicer.util.toBool(settings.value(MAMBA_OFFERED_SETTING, False)):
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        return
-    settings.setValue(MAMBA_OFFERED_SETTING, True)
-    if not slicer.util.confirmOkCancelDisplay(
-            "Optional: install mamba-ssm for faster processing on this CUDA GPU? It compiles GPU code and can "
-            "take a long time. VLDUN works without it.", "VLDUN optional package"):
-        return
-    try:
-        with slicer.util.WaitCursor():
-            slicer.util.pip_install("mamba-ssm")
-    except Exception:
-        slicer.util.warningDisplay(
-            "mamba-ssm could not be installed; VLDUN continues without it.", detailedText=traceback.format_exc())
-
-
 class VLDUNTest(ScriptedLoadableModuleTest):
-    """Runs the logic on a small block of MRHead on the CPU, so it finishes in seconds."""
+    """Real inference with the shipped weights on a small built-in volume (VLDUNLib.selftest), in the worker."""
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
         self.setUp()
-        self.test_RestoresAndSegmentsSmallVolume()
-        self.setUp()
-        self.test_CancelLeavesOutputsUntouched()
+        self.test_RestoresAndSegmentsBuiltInVolume()
 
-    def _requireDependencies(self) -> None:
-        from VLDUNLib.logic import missing_dependencies
+    def test_RestoresAndSegmentsBuiltInVolume(self) -> None:
+        from VLDUNLib.selftest import SelfTestNotRun, run_self_test
 
-        missing = missing_dependencies()
-        if missing:
-            self.skipTest(f"VLDUN needs {', '.join(missing)}: open the module and press Apply once to install them.")
-
-    def _smallMRHead(self):
-        import SampleData
-
-        self.delayDisplay("Loading MRHead")
-        return smallVolume(SampleData.downloadSample("MRHead"), slices=3, size=64)
-
-    def test_RestoresAndSegmentsSmallVolume(self) -> None:
-        self._requireDependencies()
-        import numpy as np
-        from VLDUNLib.logic import VLDUNLogic
-
-        inputVolume = self._smallMRHead()
-        restored = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "restored")
-        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
-        self.delayDisplay("Running VL-DUN on the CPU")
-        detection = VLDUNLogic().process(inputVolume, restored, segmentation, device="cpu", batch_size=2)
-
-        self.assertEqual(restored.GetImageData().GetDimensions(), inputVolume.GetImageData().GetDimensions())
-        np.testing.assert_allclose(ijkToRas(restored), ijkToRas(inputVolume), atol=1e-6)
-        self.assertTrue(np.isfinite(slicer.util.arrayFromVolume(restored)).all())
-        names = [segmentation.GetSegmentation().GetNthSegment(index).GetName()
-                 for index in range(segmentation.GetSegmentation().GetNumberOfSegments())]
-        self.assertEqual(names, list(detection.segment_names))
+        self.delayDisplay("Running VL-DUN on an 8-slice 64 x 64 phantom, on the CPU, with the shipped weights")
+        try:
+            lines = run_self_test(slicer.mrmlScene)
+        except SelfTestNotRun as error:
+            self.delayDisplay(str(error))
+            self.skipTest(str(error))
+        for line in lines:
+            self.delayDisplay(line)
         self.delayDisplay("Test passed")
-
-    def test_CancelLeavesOutputsUntouched(self) -> None:
-        self._requireDependencies()
-        from VLDUNLib.logic import Cancelled, VLDUNLogic
-
-        inputVolume = self._smallMRHead()
-        restored = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "restored")
-        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
-        with self.assertRaises(Cancelled):
-            VLDUNLogic().process(inputVolume, restored, segmentation, device="cpu", batch_size=2,
-                                 should_cancel=lambda: True)
-        self.assertIsNone(restored.GetImageData())
-        self.assertEqual(segmentation.GetSegmentation().GetNumberOfSegments(), 0)
-        self.delayDisplay("Test passed")
-
-
-def ijkToRas(volume):
-    matrix = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(matrix)
-    return slicer.util.arrayFromVTKMatrix(matrix)
-
-
-def smallVolume(volume, slices: int, size: int):
-    """The central block of `slices` slices of size x size voxels, where it was in `volume`.
-
-    The block is cut across the axis VL-DUN slices along and keeps the spacing and directions, so
-    the logic slices the block along the same axis as the whole volume.
-    """
-    import numpy as np
-    from VLDUNLib.mrml import slice_axis
-
-    voxels = slicer.util.arrayFromVolume(volume)
-    counts = [size, size, size]
-    counts[slice_axis(volume)] = slices
-    starts = [(length - count) // 2 for length, count in zip(voxels.shape, counts)]
-    block = voxels[tuple(slice(start, start + count) for start, count in zip(starts, counts))].copy()
-    shift = np.eye(4)
-    shift[:3, 3] = starts[::-1]
-    return slicer.util.addVolumeFromArray(block, ijkToRas(volume) @ shift, name=f"{volume.GetName()} small")

@@ -30,6 +30,7 @@ from .intensity import (
 from .letterbox import content_box, resize_images
 from .network import VLDUN
 from .priors import PriorOutput
+from .results import Cancelled, Detection, Prediction, SegmentClass
 from .ssm import missing_cuda_scan
 from .terminology import display_name
 from .weights import ModelInfo, load_model
@@ -65,46 +66,6 @@ def _cpu_fix_on_out_of_memory(step: str) -> Iterator[None]:
         yield
     except torch.cuda.OutOfMemoryError as error:
         raise DeviceOutOfMemory(step) from error
-
-
-class Cancelled(Exception):
-    """Raised by `VolumePredictor.predict` when `should_cancel()` returned True between batches."""
-
-
-@dataclass(frozen=True)
-class SegmentClass:
-    label: int
-    """Value in `Prediction.labels` (1..n)."""
-    name: str
-    """Human-readable name, e.g. "left ventricle cavity"."""
-    key: str
-    """Canonical class key of the model, e.g. "ACDC/LV"."""
-
-
-@dataclass
-class Detection:
-    modality: str
-    modality_probability: float
-    modality_probabilities: dict[str, float]
-    degradation: str
-    degradation_probability: float
-    degradation_probabilities: dict[str, float]
-    out_of_distribution: bool
-    """The modality prior's confidence is under the model's calibrated threshold: unlike the training data."""
-    segments: list[SegmentClass]
-
-    @property
-    def segment_names(self) -> list[str]:
-        return [s.name for s in self.segments]
-
-
-@dataclass
-class Prediction:
-    restored: np.ndarray
-    """(S, H, W) float32 in the input's intensity scale."""
-    labels: np.ndarray
-    """(S, H, W) uint8: 0 background, else `SegmentClass.label`."""
-    detection: Detection
 
 
 @dataclass

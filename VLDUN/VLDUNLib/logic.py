@@ -3,12 +3,15 @@
 The same code runs inside the 3D Slicer application and in plain Python with `slicer-core`: it never
 imports Qt and never uses `slicer.app` or `slicer.mrmlScene`; the scene is the input node's own.
 It imports without torch, so the module can offer to install `missing_dependencies()` first;
-`Cancelled`, `Detection` and `DEGRADATION_CHOICES` load torch on first use.
+`DEGRADATION_CHOICES` loads torch on first use.
 
-Order of work: check everything (`validate_input`, the outputs, the options), predict, then write.
-Nothing in the scene changes before the prediction has finished, so a cancel (`Cancelled`, raised
-between batches) or a failed prediction leaves the scene exactly as it was; if writing fails, both
-outputs get their previous content back. The input node is only read.
+The model runs in a worker process (`job.VLDUNJob`: start, poll, cancel), so Slicer's GUI stays
+responsive; `VLDUNLogic.process` is the same job run to the end for scripts. Order of work: check
+everything (`validate_input`, the outputs, the options), predict, then write. Nothing in the scene
+changes before the prediction has finished, so a cancel or a failed prediction leaves the scene exactly
+as it was; if writing fails, both outputs get their previous content back. The input node is only read.
+An output segmentation holding segments VL-DUN did not make (`foreign_segments`) is refused unless
+`replace_segments=True`; segments marked Completed are never replaced.
 
 Headless use, Slicer application without a window
 (`Slicer --no-main-window --python-script run_vldun.py scan.nrrd out/scan`)::
@@ -34,20 +37,26 @@ Plain Python (`pip install slicer-core`, or PythonSlicer) has no `slicer.mrmlSce
 from __future__ import annotations
 
 import importlib.util
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import slicer
 import slicer.util
 
-from . import mrml
-from .terminology import segment_style
+from .checks import (  # noqa: F401 (validate_input, foreign_segments and MIN_IN_PLANE are part of the logic's API)
+    MIN_IN_PLANE,
+    Predictor,
+    check_options,
+    completed_segments,
+    foreign_segments,
+    validate_input,
+    validate_outputs,
+)
 
 if TYPE_CHECKING:
-    from .inference import Detection, Prediction, SegmentClass
+    from .job import VLDUNJob
+    from .results import Detection
 
 REQUIREMENTS: dict[str, str] = {
     "torch": "torch",
@@ -57,39 +66,16 @@ REQUIREMENTS: dict[str, str] = {
 }
 """Importable module -> pip requirement, for what inference needs beyond Slicer's own Python."""
 
-MIN_IN_PLANE = 16
-"""Smallest slice the network can take: its encoder halves the image several times."""
-
-MULTI_COMPONENT_VOLUMES = ("vtkMRMLTensorVolumeNode", "vtkMRMLMultiVolumeNode", "vtkMRMLDiffusionWeightedVolumeNode")
-"""Volume classes with several values per voxel (vector and RGB volumes derive from the tensor class)."""
-
 ProgressCallback = Callable[[int, int, float], None]
 """progress(slices_done, slices_total, seconds_left)."""
 
 
-class Predictor(Protocol):
-    """What `process` needs from a model: `inference.VolumePredictor`, or a test double."""
-
-    mirror: bool
-    """Average the segmentation over each slice and its 3 mirror images (test-time mirroring)."""
-
-    def predict(
-        self,
-        volume: np.ndarray,
-        *,
-        batch_size: int = 8,
-        progress: Callable[[int, int], None] | None = None,
-        should_cancel: Callable[[], bool] | None = None,
-        degradation_override: str | None = None,
-    ) -> Prediction: ...
-
-
 def __getattr__(name: str) -> Any:
-    """Re-exports that need torch, loaded on first use (PEP 562) so this module imports without it."""
+    """Re-exports loaded on first use (PEP 562), so this module imports without torch and without a cycle."""
     if name in ("Cancelled", "Detection"):
-        from . import inference
+        from . import results
 
-        return getattr(inference, name)
+        return getattr(results, name)
     if name == "DEGRADATION_CHOICES":
         from .degradations import DEGRADATIONS
 
@@ -115,229 +101,40 @@ def available_devices() -> list[str]:
     return [*devices, "cpu"]
 
 
-def _node_label(node: slicer.vtkMRMLNode) -> str:
-    return f"'{node.GetName()}'"
-
-
-def _check_volume_type(node: slicer.vtkMRMLNode) -> None:
-    """Only plain scalar volumes hold one grey value per voxel; name what to pick for the others."""
-    name = _node_label(node)
-    if node.IsA("vtkMRMLSegmentationNode"):
-        raise ValueError(f"{name} is a segmentation, not an image; select the image volume it was drawn on.")
-    if node.IsA("vtkMRMLLabelMapVolumeNode"):
-        raise ValueError(
-            f"{name} is a labelmap (label values, not an image); select the grey-level image volume instead."
-        )
-    if any(node.IsA(kind) for kind in MULTI_COMPONENT_VOLUMES):
-        raise ValueError(
-            f"{name} is a {node.GetClassName()} (colour, vector or multi-frame voxels); VL-DUN needs a "
-            "single-component image: convert it with the 'Vector to Scalar Volume' module or select one frame."
-        )
-    if node.GetClassName() != "vtkMRMLScalarVolumeNode":
-        raise ValueError(f"{name} is a {node.GetClassName()}, not an image volume; select a scalar volume.")
-
-
-def _check_not_sequence_frame(node: slicer.vtkMRMLScalarVolumeNode) -> None:
-    """A 4-D series shows one frame in a proxy node whose voxels change with the browser's frame."""
-    for browser in _nodes_of_class(node.GetScene(), "vtkMRMLSequenceBrowserNode"):
-        if browser.IsProxyNodeID(node.GetID()):
-            raise ValueError(
-                f"{_node_label(node)} is the current frame of the 4-D sequence '{browser.GetName()}'; "
-                "select the frame to process in the Sequences module, clone it (Data module: right-click > "
-                "Clone) and select the clone."
-            )
-
-
-def _nodes_of_class(scene: slicer.vtkMRMLScene, class_name: str) -> list[slicer.vtkMRMLNode]:
-    return [scene.GetNthNodeByClass(i, class_name) for i in range(scene.GetNumberOfNodesByClass(class_name))]
-
-
-def _check_voxels(node: slicer.vtkMRMLScalarVolumeNode) -> None:
-    image = node.GetImageData()
-    if image is None or 0 in image.GetDimensions():
-        raise ValueError(f"{_node_label(node)} has no voxels; load the image data first.")
-    if image.GetNumberOfScalarComponents() != 1:
-        raise ValueError(
-            f"{_node_label(node)} has {image.GetNumberOfScalarComponents()} components per voxel; "
-            "convert it to one with the 'Vector to Scalar Volume' module."
-        )
-
-
-def _check_size(node: slicer.vtkMRMLScalarVolumeNode, shape: tuple[int, ...]) -> None:
-    in_plane = [size for axis, size in enumerate(shape) if axis != mrml.slice_axis(node)]
-    if min(in_plane) < MIN_IN_PLANE:
-        raise ValueError(
-            f"{_node_label(node)} is only {in_plane[0]}x{in_plane[1]} voxels per slice; the network needs at "
-            f"least {MIN_IN_PLANE}x{MIN_IN_PLANE}: select a larger volume or resample it finer "
-            "('Resample Scalar Volume' module)."
-        )
-
-
-def _count_non_finite(array: np.ndarray) -> int:
-    """Slice by slice, so a large volume never needs a full-size boolean mask."""
-    if not np.issubdtype(array.dtype, np.floating):
-        return 0
-    return sum(int(np.count_nonzero(~np.isfinite(plane))) for plane in array)
-
-
-def _check_values(node: slicer.vtkMRMLScalarVolumeNode, array: np.ndarray) -> None:
-    bad = _count_non_finite(array)
-    if bad:
-        raise ValueError(
-            f"{_node_label(node)} has {bad} NaN or infinite voxels; replace them first, e.g. in the Python "
-            "console: a = slicer.util.arrayFromVolume(v); a[~numpy.isfinite(a)] = 0; "
-            "slicer.util.arrayFromVolumeModified(v)."
-        )
-    low, high = array.min(), array.max()
-    if low == high:
-        raise ValueError(
-            f"All voxels of {_node_label(node)} have the value {low}: there is no image to restore or segment; "
-            "select the volume that holds the scan."
-        )
-
-
-def validate_input(node: slicer.vtkMRMLNode | None) -> None:
-    """Refuse an input VL-DUN cannot process, with a ValueError naming the problem and the fix.
-
-    Reads only; call it before creating or changing anything.
-    """
-    if node is None:
-        raise ValueError("No input volume is selected; select the scalar image volume to restore and segment.")
-    _check_volume_type(node)
-    if node.GetScene() is None:
-        raise ValueError(f"{_node_label(node)} is not in a scene; add it to the scene first.")
-    _check_not_sequence_frame(node)
-    _check_voxels(node)
-    array = slicer.util.arrayFromVolume(node)
-    _check_size(node, array.shape)
-    _check_values(node, array)
-
-
-def validate_outputs(
-    input_volume: slicer.vtkMRMLScalarVolumeNode,
-    output_volume: slicer.vtkMRMLNode | None,
-    output_segmentation: slicer.vtkMRMLNode | None,
-) -> None:
-    """The outputs must exist, be of the right kind, live in the input's scene and not be the input."""
-    if output_volume is None or output_volume.GetClassName() != "vtkMRMLScalarVolumeNode":
-        raise ValueError("Select or create a scalar volume node as the output (restored) volume.")
-    if output_segmentation is None or not output_segmentation.IsA("vtkMRMLSegmentationNode"):
-        raise ValueError("Select or create a segmentation node as the output segmentation.")
-    if output_volume is input_volume:
-        raise ValueError(
-            "The output volume is the input volume, which would be overwritten; choose 'Create new volume' as output."
-        )
-    for node in (output_volume, output_segmentation):
-        if node.GetScene() is not input_volume.GetScene():
-            raise ValueError(
-                f"The output {_node_label(node)} is not in the input's scene; add it there (scene.AddNode) first."
-            )
-    _check_not_completed(output_segmentation)
-
-
-def completed_segments(segmentation: slicer.vtkMRMLSegmentationNode) -> list[str]:
-    """Names of the segments marked "Completed" in the Segment Editor's status column.
-
-    Slicer has no lock on volume or segmentation nodes; "Completed" is how a reviewer marks a segment as
-    finished (corrected by hand), so a re-run must not replace it.
-    """
-    logic = slicer.vtkSlicerSegmentationsModuleLogic
-    segmentation_data = segmentation.GetSegmentation()
-    segments = (segmentation_data.GetNthSegment(i) for i in range(segmentation_data.GetNumberOfSegments()))
-    return [segment.GetName() for segment in segments if logic.GetSegmentStatus(segment) == logic.Completed]
-
-
-def _check_not_completed(segmentation: slicer.vtkMRMLSegmentationNode) -> None:
-    """Refuse to overwrite finished (hand-corrected) segments; say how to keep them or release them."""
-    done = completed_segments(segmentation)
-    if done:
-        raise ValueError(
-            f"The output segmentation {_node_label(segmentation)} has segments marked Completed ({', '.join(done)}): "
-            "re-running would replace that finished work. Choose 'Create new segmentation' as the output, or set "
-            "their status back to In progress in the Segment Editor to allow replacing them."
-        )
-
-
-def _check_options(batch_size: int, degradation_override: str | None, mirror: bool) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
-    if not isinstance(mirror, bool):
-        raise ValueError(f"mirror must be True or False, got {mirror!r}.")
-    if degradation_override is not None:
-        from .degradations import DEGRADATIONS
-
-        if degradation_override not in DEGRADATIONS:
-            raise ValueError(
-                f"Unknown degradation {degradation_override!r}; "
-                f"choose one of {list(DEGRADATIONS)}, or None to detect it."
-            )
-
-
-def _read_only(array: np.ndarray) -> np.ndarray:
-    """The input's voxels as the model sees them: a view that cannot write into the input node."""
-    view = array.view()
-    view.flags.writeable = False
-    return view
-
-
-def _with_time_left(progress: ProgressCallback | None) -> Callable[[int, int], None] | None:
-    """Adds seconds_left, extrapolated from the mean time per slice so far."""
-    if progress is None:
-        return None
-    start = time.monotonic()
-
-    def report(done: int, total: int) -> None:
-        elapsed = time.monotonic() - start
-        progress(done, total, elapsed / max(done, 1) * (total - done))
-
-    return report
-
-
-def _content_stamp(node: slicer.vtkMRMLScalarVolumeNode) -> tuple[int, int]:
-    """What changes when the input's voxels or geometry change (image data and node modified times)."""
-    image = node.GetImageData()
-    return (image.GetMTime() if image is not None else 0, node.GetMTime())
-
-
-def _check_unchanged_during_run(
-    scene: Any, input_stamp: tuple[int, int], *nodes: Any
-) -> None:
-    """Nodes removed, or an input edited, while the model ran: write nothing rather than something stale."""
-    for node in nodes:
-        if node.GetScene() is not scene or scene.GetNodeByID(node.GetID()) is not node:
-            raise ValueError(f"{_node_label(node)} was removed from the scene while VLDUN ran; nothing was written. "
-                             "Select the nodes again and re-run.")
-    if _content_stamp(nodes[0]) != input_stamp:
-        raise ValueError(f"{_node_label(nodes[0])} was modified while VLDUN ran; nothing was written. Re-run on the "
-                         "current data.")
-
-
-def _segment_spec(segment: SegmentClass) -> mrml.SegmentSpec:
-    """Name from the model (it is what the detection reports); colour and codes from the terminology table."""
-    _, color, entry = segment_style(segment.key, segment.label)
-    return mrml.SegmentSpec(segment.label, segment.name, color, entry)
-
-
 class VLDUNLogic:
-    """Runs a VL-DUN model on volume nodes; keeps the loaded model between runs."""
+    """Runs a VL-DUN model on volume nodes, in a worker process (or, for tests and scripts, a given predictor)."""
 
     def __init__(self, weights: str | Path | None = None, predictor: Predictor | None = None) -> None:
-        """`predictor` replaces the model (tests); else `weights` (None: the shipped model) is loaded on first use."""
+        """`weights`: a .safetensors file (None: the shipped model); `predictor` replaces the model and runs in a
+        thread of this process instead of the worker (tests, scripts with their own model)."""
         self.weights = weights
-        self._predictor = predictor
-        self._injected = predictor is not None
-        self._device: str | None = None
+        self.predictor = predictor
 
-    def predictor(self, device: str) -> Predictor:
-        """The model for `device`, loaded once and reloaded only when the device changes."""
-        if self._injected:
-            return self._predictor
-        if self._predictor is None or self._device != device:
-            from .inference import VolumePredictor
+    def job(
+        self,
+        inputVolume: slicer.vtkMRMLScalarVolumeNode,
+        outputVolume: slicer.vtkMRMLScalarVolumeNode,
+        outputSegmentation: slicer.vtkMRMLSegmentationNode,
+        device: str = "auto",
+        progress: ProgressCallback | None = None,
+        degradation_override: str | None = None,
+        batch_size: int = 8,
+        mirror: bool = False,
+        replace_segments: bool = False,
+    ) -> VLDUNJob:
+        """A run not yet started: call its `start()`, then `poll()` (e.g. from a QTimer) until it returns True."""
+        from .job import InThread, JobOptions, VLDUNJob
 
-            self._predictor = VolumePredictor(self.weights, device)
-            self._device = device
-        return self._predictor
+        options = JobOptions(
+            weights=None if self.weights is None else str(self.weights),
+            device=device,
+            degradation_override=degradation_override,
+            batch_size=batch_size,
+            mirror=mirror,
+            replace_segments=replace_segments,
+        )
+        compute = InThread(self.predictor, options) if self.predictor is not None else None
+        return VLDUNJob(inputVolume, outputVolume, outputSegmentation, options, compute, progress)
 
     def process(
         self,
@@ -350,37 +147,19 @@ class VLDUNLogic:
         degradation_override: str | None = None,
         batch_size: int = 8,
         mirror: bool = False,
+        replace_segments: bool = False,
     ) -> Detection:
-        """Restore `inputVolume` into `outputVolume` and segment it into `outputSegmentation`.
+        """Restore `inputVolume` into `outputVolume` and segment it into `outputSegmentation`; returns when done.
 
         Slices are cut along the acquisition axis (`mrml.slice_axis`); the outputs get the input's
-        exact geometry and parent transform. Raises ValueError for unusable input (nothing changed)
-        and `Cancelled` when `should_cancel()` returned True (nothing changed). Returns what the
-        prior detected (modality, degradation, classes). `mirror` averages the segmentation over each slice
-        and its 3 mirror images: 4x the segmentation pass, a little better on large organs, worse on small
-        lesions (MODEL_CARD.md).
+        exact geometry and parent transform. Raises ValueError for unusable input (nothing changed),
+        `Cancelled` when `should_cancel()` returned True (nothing changed) and `job.WorkerFailed` when the
+        model's process failed (nothing changed). Returns what the prior detected (modality, degradation,
+        classes). `mirror` averages the segmentation over each slice and its 3 mirror images: 4x the
+        segmentation pass, a little better on large organs, worse on small lesions (MODEL_CARD.md).
         """
-        validate_input(inputVolume)
-        validate_outputs(inputVolume, outputVolume, outputSegmentation)
-        _check_options(batch_size, degradation_override, mirror)
-        axis = mrml.slice_axis(inputVolume)
-        scene, input_stamp = inputVolume.GetScene(), _content_stamp(inputVolume)
-        slices = mrml.volume_to_slices(_read_only(slicer.util.arrayFromVolume(inputVolume)), axis)
-        predictor = self.predictor(device)
-        predictor.mirror = mirror
-        prediction = predictor.predict(
-            slices,
-            batch_size=batch_size,
-            progress=_with_time_left(progress),
-            should_cancel=should_cancel,
-            degradation_override=degradation_override,
-        )
-        _check_unchanged_during_run(scene, input_stamp, inputVolume, outputVolume, outputSegmentation)
-        _check_not_completed(outputSegmentation)
-        segments = [_segment_spec(segment) for segment in prediction.detection.segments]
-        with mrml.outputs_restored_on_failure(outputVolume, outputSegmentation):
-            restored = mrml.slices_to_volume(prediction.restored, axis)
-            mrml.write_scalar_volume(outputVolume, restored, inputVolume)
-            labels = mrml.slices_to_volume(prediction.labels, axis)
-            mrml.write_segmentation(outputSegmentation, labels, inputVolume, segments)
-        return prediction.detection
+        from .job import run
+
+        job = self.job(inputVolume, outputVolume, outputSegmentation, device, progress, degradation_override,
+                       batch_size, mirror, replace_segments)
+        return run(job, should_cancel)

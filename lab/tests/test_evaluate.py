@@ -152,3 +152,29 @@ def test_a_mirrored_report_says_so(tmp_path):
     result = write_report(predictor, [read_dataset(DATA / "Dataset001_ACDC")], Protocol(size=48), tmp_path,
                           max_cases=1, weights_name="tiny")
     assert result["mirror"] is True and "mirror images" in (tmp_path / "table.md").read_text()
+
+
+def test_every_case_the_weights_did_not_train_on_is_evaluated():
+    """An external cohort named like a training dataset is evaluated whole; only recorded training cases drop."""
+    from vldun_lab.evaluate import unseen_cases
+
+    acdc = read_dataset(DATA / "Dataset001_ACDC")
+    cases, excluded = unseen_cases(acdc, [])
+    assert excluded == 0 and [c.case_id for c in cases] == [c.case_id for c in acdc.cases]
+    trained = [c.case_id for c in acdc.cases[:150]]
+    cases, excluded = unseen_cases(acdc, trained)
+    assert excluded == 150 and [c.case_id for c in cases] == [c.case_id for c in acdc.cases[150:]]
+
+
+def test_a_case_trained_on_in_part_contributes_its_other_slices():
+    from vldun_lab.evaluate import unseen_cases
+
+    abdomen = read_dataset(DATA / "Dataset004_AbdomenCT")
+    (case,) = abdomen.cases
+    cases, excluded = unseen_cases(abdomen, [f"{case.case_id}[0:21]", f"{case.case_id}[27:30]"])
+    assert excluded == 1 and [(c.start, c.stop) for c in cases] == [(21, 27)]
+
+
+def test_the_report_says_how_many_cases_were_excluded_and_why(report):
+    for entry in report[1]["datasets"].values():
+        assert entry["excluded"] == {"cases": 0, "why": "trained on by these weights"}

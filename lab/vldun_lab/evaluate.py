@@ -9,9 +9,11 @@ range 1) compare the degraded input and the restored output with the clean slice
 non-empty slices of a case, then over cases. Dice and IoU are computed per case over the whole volume,
 then averaged over cases; a class absent from both prediction and reference in a case is left out.
 
-When a dataset is one the model was trained on (same folder name), only its held-out validation
-cases are evaluated; otherwise every case is, and modality accuracy is replaced by the share of
-cases flagged as unlike the training data. `cases.csv` lists every case with its own figures and what
+Every case of a folder is evaluated except exactly those the weights record as trained on
+(`extra.training_cases`, by folder name and case id; a slice range for a dataset split by slices), so an
+external cohort is evaluated whole; the report gives each dataset's excluded count and why. For a modality
+the model has no class for, modality accuracy is replaced by the share of cases flagged as unlike the
+training data. `cases.csv` lists every case with its own figures and what
 the prior detected, to find the scans a mean hides; `degradation_confusion` in metrics.json (and the last
 table of table.md) says which degradations the prior takes for which.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from argparse import Namespace
 from collections import Counter
 from dataclasses import dataclass
@@ -47,8 +50,8 @@ from VLDUNLib.metrics import dice, iou, mean_defined, psnr, ssim
 from VLDUNLib.weights import DEFAULT_WEIGHTS
 
 from . import baseline  # noqa: F401 (registers architecture "unet")
-from .datasets import CaseLike, DatasetInfo, load_case, read_datasets
-from .splits import split_cases, split_seed_of
+from .datasets import Case, CaseLike, DatasetInfo, SliceRef, load_case, read_datasets
+from .splits import _num_slices
 
 TUMOUR_CLASSES = {"necrosis", "edema", "non_enhancing", "enhancing"}
 
@@ -112,17 +115,16 @@ class Evaluator:
         self.model = predictor.model
         self.info = predictor.info
         self.protocol = protocol
-        self.trained_on = set(self.info.extra.get("datasets", []))
+        self.training_cases: dict[str, list[str]] = self.info.extra.get("training_cases") or {}
+        """Dataset folder name -> the case ids (or "case[a:b]" slice ranges) the weights were trained on."""
+        self.excluded: dict[str, int] = {}
         self.case_rows: list[dict[str, Any]] = []
         """One flat row per evaluated case and channel, for cases.csv."""
 
     def cases(self, dataset: DatasetInfo, max_cases: int | None) -> list[CaseLike]:
-        """The held-out split (same seed and fraction as training) of a training dataset, else every case."""
-        if dataset.name in self.trained_on:
-            run = self.info.extra.get("run", {})
-            _, cases = split_cases(dataset, run.get("val_fraction", 0.2), split_seed_of(run))
-        else:
-            cases = list(dataset.cases)
+        """Every case (or slice range) of the folder that these weights never trained on (`unseen_cases`)."""
+        cases, excluded = unseen_cases(dataset, self.training_cases.get(dataset.name, []))
+        self.excluded[dataset.name] = excluded
         return cases[:max_cases] if max_cases else cases
 
     @torch.no_grad()
@@ -192,7 +194,56 @@ class Evaluator:
                     montage_rows.append(result)
         if montage_dir is not None and montage_rows:
             save_montage(montage_rows, montage_dir / f"{dataset.name}.png")
-        return aggregate(rows, len(cases), self.model.config.modalities, self.model.prior is not None)
+        report = aggregate(rows, len(cases), self.model.config.modalities, self.model.prior is not None)
+        report["excluded"] = {"cases": self.excluded[dataset.name], "why": "trained on by these weights"}
+        return report
+
+
+def _slice_range(entry: str) -> tuple[str, int, int] | None:
+    """"case[a:b]" -> (case, a, b); None for a plain case id."""
+    match = re.fullmatch(r"(.+)\[(\d+):(\d+)\]", entry)
+    return (match.group(1), int(match.group(2)), int(match.group(3))) if match else None
+
+
+def unseen_cases(dataset: DatasetInfo, trained: list[str]) -> tuple[list[CaseLike], int]:
+    """The folder's cases minus exactly the ones trained on, and how many were excluded.
+
+    A case trained on in part (a single-patient dataset split by slices) contributes its other slices as
+    `SliceRef`s; a folder the weights never saw is evaluated whole, so an external cohort is never cut down.
+    """
+    whole = {entry for entry in trained if _slice_range(entry) is None}
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for entry in trained:
+        if (parsed := _slice_range(entry)) is not None:
+            ranges.setdefault(parsed[0], []).append(parsed[1:])
+    cases: list[CaseLike] = []
+    excluded = 0
+    for case in dataset.cases:
+        if case.case_id in whole:
+            excluded += 1
+        elif case.case_id in ranges:
+            excluded += 1
+            cases += _untrained_slices(case, ranges[case.case_id])
+        else:
+            cases.append(case)
+    return cases, excluded
+
+
+def _untrained_slices(case: Case, trained: list[tuple[int, int]]) -> list[SliceRef]:
+    """Contiguous slice ranges of `case` outside every trained range."""
+    count = _num_slices(case)
+    seen = np.zeros(count, bool)
+    for start, stop in trained:
+        seen[start:stop] = True
+    refs, start = [], None
+    for index in range(count + 1):
+        free = index < count and not seen[index]
+        if free and start is None:
+            start = index
+        elif not free and start is not None:
+            refs.append(SliceRef(case, start, index))
+            start = None
+    return refs
 
 
 def slice_metrics(pred: torch.Tensor, clean: torch.Tensor, indices: list[int]) -> dict[str, float]:
@@ -315,7 +366,9 @@ def markdown_table(report: dict[str, Any]) -> str:
             cells += [fmt(p, 2), fmt(s, 4), fmt(d, 4)]
         cells += [fmt(mean_defined(psnrs), 2), fmt(mean_defined(ssims), 4), fmt(mean_defined(dices), 4)]
         lines.append(f"| {row_name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    counts = ", ".join(f"{n} {report['datasets'][n]['cases']} evaluated, {report['datasets'][n]['excluded']['cases']} "
+                       "excluded (trained on)" for n in names if "excluded" in report["datasets"][n])
+    return "\n".join(lines) + "\n" + (f"\nCases: {counts}.\n" if counts else "")
 
 
 def comparison(report: dict[str, Any]) -> str:

@@ -8,15 +8,17 @@ under pytest and as a Slicer ctest (unittest classes).
 """
 
 import ast
+import importlib.util
 import json
 import py_compile
 import re
 import struct
-import sys
+import sysconfig
 import tempfile
 import unittest
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[3]
 MODULE_DIR = REPO / "VLDUN"
@@ -74,7 +76,7 @@ def uiWidget(name: str) -> ElementTree.Element:
     return next(w for w in ElementTree.parse(UI_FILE).iter("widget") if w.get("name") == name)
 
 
-def uiProperty(widget: ElementTree.Element, name: str) -> ElementTree.Element | None:
+def uiProperty(widget: ElementTree.Element, name: str) -> Optional[ElementTree.Element]:  # noqa: UP045 (Python 3.9)
     """Only the widget's own properties: nested layouts carry properties of other widgets."""
     return next((p for p in widget.findall("property") if p.get("name") == name), None)
 
@@ -114,6 +116,18 @@ def cmakeList(name: str) -> list[str]:
 def cmakeVariables(path: Path) -> dict[str, str]:
     """Quoted `set(VAR "value")` assignments of a CMake file."""
     return dict(re.findall(r'set\(\s*(\w+)\s+"([^"]*)"\s*\)', path.read_text(encoding="utf-8")))
+
+
+def isStandardLibrary(name: str) -> bool:
+    """Built in, or found in the interpreter's standard library folder (sys.stdlib_module_names needs 3.10)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        return spec is not None and spec.submodule_search_locations is None
+    if spec.origin in ("built-in", "frozen"):
+        return True
+    origin = Path(spec.origin).resolve()
+    standard = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    return standard in origin.parents and "site-packages" not in origin.parts
 
 
 def pngSize(path: Path) -> tuple[int, int]:
@@ -214,6 +228,23 @@ class ExtensionMetadataTest(unittest.TestCase):
         self.assertEqual(
             variables["EXTENSION_ICONURL"], f"https://raw.githubusercontent.com/{repository}/main/VLDUN.png")
 
+    def test_screenshots_are_figures_in_the_repository(self):
+        variables = cmakeVariables(TOP_CMAKE)
+        prefix = variables["EXTENSION_HOMEPAGE"].replace("https://github.com/", "https://raw.githubusercontent.com/")
+        for url in variables["EXTENSION_SCREENSHOTURLS"].split():
+            self.assertTrue(url.startswith(prefix + "/main/docs/figures/"), url)
+            path = REPO / url[len(prefix + "/main/"):]
+            self.assertTrue(path.is_file(), f"{path} is missing")
+            pngSize(path)
+
+    def test_description_names_slicer_versions_and_weights_terms(self):
+        description = cmakeVariables(TOP_CMAKE)["EXTENSION_DESCRIPTION"]
+        self.assertIn("Slicer 5.8 or later", description)
+        self.assertIn("non-commercial research use", description)
+        module = MODULE_PY.read_text(encoding="utf-8")
+        self.assertIn('SUPPORTED_SLICER = "3D Slicer 5.8 or later"', module)
+        self.assertIn("non-commercial research use", module)
+
     def test_catalog_entry_follows_schema_v1_0_2(self):
         entry = json.loads(CATALOG_ENTRY.read_text(encoding="utf-8"))
         self.assertEqual(entry["$schema"], CATALOG_SCHEMA_URL)
@@ -250,14 +281,18 @@ class ModuleSourceTest(unittest.TestCase):
 
     def test_top_level_imports_are_standard_library_or_slicer(self):
         """torch and VLDUNLib are absent on the first load, before the module installs its dependencies."""
-        allowed = set(sys.stdlib_module_names) | SLICER_PROVIDED_MODULES
         imported = set()
         for node in moduleTree().body:
             if isinstance(node, ast.Import):
                 imported |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom):
                 imported.add((node.module or "").split(".")[0])
-        self.assertEqual(imported - allowed, set())
+        others = {name for name in imported - SLICER_PROVIDED_MODULES if not isStandardLibrary(name)}
+        self.assertEqual(others, set())
+
+    def test_standard_library_check_tells_torch_from_json(self):
+        self.assertTrue(isStandardLibrary("json") and isStandardLibrary("sys") and isStandardLibrary("xml"))
+        self.assertFalse(isStandardLibrary("numpy") or isStandardLibrary("VLDUNLib") or isStandardLibrary("nonexistent"))
 
     def test_slicer_finds_the_module_widget_and_test_classes(self):
         classes = {node.name for node in moduleTree().body if isinstance(node, ast.ClassDef)}

@@ -90,7 +90,7 @@ class VLDUNConfig:
     0: the paper's small head alone, which predicts each stem_stride² block of labels from one feature vector."""
     seg_branch: bool = False
     """The segmentation head reads its own copy of the last decoder stage instead of the one restoration reads, so
-    segmentation can be trained further without moving the restored image (`weights.branch_segmentation_stage`)."""
+    segmentation can be trained further without moving the restored image (`network.VLDUN.adapt_state`)."""
 
     def __post_init__(self) -> None:
         self.blocks = tuple(self.blocks)

@@ -30,6 +30,7 @@ from .intensity import (
 from .letterbox import content_box, resize_images
 from .network import VLDUN
 from .priors import PriorOutput
+from .results import Cancelled, Detection, Prediction, SegmentClass
 from .ssm import missing_cuda_scan
 from .terminology import display_name
 from .weights import ModelInfo, load_model
@@ -59,53 +60,12 @@ class DeviceOutOfMemory(MemoryError):
 def _cpu_fix_on_out_of_memory(step: str) -> Iterator[None]:
     """A CUDA out-of-memory error in `step` (no batch to halve there) -> `DeviceOutOfMemory`, which names the fix.
 
-    An H100 capped at 43 MiB failed first in the prior (with a bare CUDA error, before this), not in the
-    slice loop, so the model's load and the prior need the same answer as batch 1.
+    A small GPU can fail already in loading the model or in the prior, so those need the same answer as batch 1.
     """
     try:
         yield
     except torch.cuda.OutOfMemoryError as error:
         raise DeviceOutOfMemory(step) from error
-
-
-class Cancelled(Exception):
-    """Raised by `VolumePredictor.predict` when `should_cancel()` returned True between batches."""
-
-
-@dataclass(frozen=True)
-class SegmentClass:
-    label: int
-    """Value in `Prediction.labels` (1..n)."""
-    name: str
-    """Human-readable name, e.g. "left ventricle cavity"."""
-    key: str
-    """Canonical class key of the model, e.g. "ACDC/LV"."""
-
-
-@dataclass
-class Detection:
-    modality: str
-    modality_probability: float
-    modality_probabilities: dict[str, float]
-    degradation: str
-    degradation_probability: float
-    degradation_probabilities: dict[str, float]
-    out_of_distribution: bool
-    """The modality prior's confidence is under the model's calibrated threshold: unlike the training data."""
-    segments: list[SegmentClass]
-
-    @property
-    def segment_names(self) -> list[str]:
-        return [s.name for s in self.segments]
-
-
-@dataclass
-class Prediction:
-    restored: np.ndarray
-    """(S, H, W) float32 in the input's intensity scale."""
-    labels: np.ndarray
-    """(S, H, W) uint8: 0 background, else `SegmentClass.label`."""
-    detection: Detection
 
 
 @dataclass
@@ -159,11 +119,9 @@ def prior_tiles(slices: torch.Tensor, size: int) -> torch.Tensor:
 
     The prior learned degradations on slices of `size` pixels (`info.train_size`), degraded at that
     size: noise per pixel, blur and ghosting widths in pixels. A 256-pixel scan squeezed into the prior's
-    input halves those widths and averages the noise away; tiles of `size` of its own pixels keep them.
-    Held out at the scans' own size, degradation accuracy rose from 0.51 / 0.60 / 0.30 / 0.60 (whole slices)
-    to 0.875 / 0.90 / 0.54 / 0.80 (ACDC / BraTS / COVID-19 / abdomen; 0.87 / 1.0 / 0.58 / 1.0 at 128 px), and
-    to 0.96 / 0.80 / 0.88 / 1.00 once the prior also trained on such tiles (`train.native_tiles`).
-    Slices no larger than `size` are letterboxed as in training (`data.resize_images`).
+    input halves those widths and averages the noise away; tiles of `size` of its own pixels keep them
+    (the lab trains the prior on such tiles too).
+    Slices no larger than `size` are letterboxed as in training (`letterbox.resize_images`).
     """
     height, width = slices.shape[-2:]
     if height <= size and width <= size:
@@ -207,7 +165,7 @@ class VolumePredictor:
         """Restored slices at their own size, and segmentation logits computed at the training scale.
 
         The model learned anatomy at `info.train_size` pixels per longer side, centred on a black square
-        (`data.resize_slices`): on a 512-pixel slice a heart is four times larger than any it saw.
+        (`letterbox.resize_slices`): on a 512-pixel slice a heart is four times larger than any it saw.
         Restoration stays at native resolution (it must keep every pixel); the second, segmentation pass
         costs a quarter of the first for 256-pixel slices and less above. Each pass skips the head whose
         output the other one gives.
@@ -232,8 +190,8 @@ class VolumePredictor:
     ) -> torch.Tensor:
         """Segmentation scores of a batch: its logits (`logits`, when a pass already gave them), or with
         `mirror` the class probabilities averaged over the batch and its 3 mirror images, as nnU-Net does at test
-        time, for 4x the segmentation pass. Off by default: with the shipped weights, held out at 128 px, it moved
-        mean Dice by +0.006 (ACDC), +0.014 (abdomen), -0.029 (COVID-19, smaller lesions) and -0.028 (BraTS)."""
+        time, for 4x the segmentation pass. Off by default: it helps large organs and hurts small lesions
+        (MODEL_CARD.md)."""
         if logits is None:
             logits = self.model(batch, prior, restore=False).seg_logits
         if not self.mirror:
@@ -254,8 +212,8 @@ class VolumePredictor:
 
     @torch.no_grad()
     def scan_prior(self, slices: torch.Tensor) -> ScanPrior | None:
-        """Both priors of a scan. Each pass is conditioned on the prior of the image it reads: fed the tiles'
-        prior, the training-scale segmentation pass lost 0.11 mean Dice on COVID-19 (held out, own size)."""
+        """Both priors of a scan. Each pass is conditioned on the prior of the image it reads, as in training:
+        the tiles' prior describes the native-size image, not the letterboxed one the segmentation pass reads."""
         native = self.slice_prior(slices)
         if native is None:
             return None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
 import torch
@@ -32,8 +33,8 @@ SSIM_K2 = 0.03
 SSIM_WINDOW = 2 * int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5) + 1
 """11: scipy's Gaussian filter with sigma 1.5, truncated at 3.5 sigma, as scikit-image uses."""
 
-ImageLike = np.ndarray | torch.Tensor
-Score = float | np.ndarray | torch.Tensor
+ImageLike = Union[np.ndarray, torch.Tensor]
+Score = Union[float, np.ndarray, torch.Tensor]
 
 
 def _as_batch(x: ImageLike, name: str) -> tuple[torch.Tensor, bool]:

@@ -22,6 +22,10 @@ from .geometry import slices_to_volume, through_plane_axis, volume_to_slices  # 
 
 """A spacing this much larger than both others marks the thick-slice (acquisition) axis."""
 
+MODEL_TAG = "VLDUN.Source"
+MODEL_TAG_VALUE = "VL-DUN"
+"""Segment tag marking a segment VL-DUN made, saved with the segmentation: any other segment is someone's work."""
+
 BINARY_LABELMAP = "Binary labelmap"
 CLOSED_SURFACE = "Closed surface"
 
@@ -99,22 +103,34 @@ def _follow_reference(node: slicer.vtkMRMLNode, reference: slicer.vtkMRMLVolumeN
     node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
 
 
-def write_scalar_volume(
-    node: slicer.vtkMRMLScalarVolumeNode, array: np.ndarray, reference: slicer.vtkMRMLVolumeNode
-) -> None:
-    """Replace `node`'s voxels with `array` (K, J, I) and give it exactly `reference`'s geometry.
-
-    The voxels go into a new image object, so the previous one stays valid for `outputs_restored_on_failure`.
-    """
+def volume_image(array: np.ndarray, reference: slicer.vtkMRMLVolumeNode) -> vtk.vtkImageData:
+    """`array` (K, J, I) as a new image for a volume on `reference`'s grid, made before any node is touched."""
     _check_shape(array, reference, "volume")
-    node.SetAndObserveImageData(_image_from_array(array, vtk.vtkImageData()))
+    return _image_from_array(array, vtk.vtkImageData())
+
+
+def commit_scalar_volume(
+    node: slicer.vtkMRMLScalarVolumeNode, image: vtk.vtkImageData, reference: slicer.vtkMRMLVolumeNode
+) -> None:
+    """Give `node` the image from `volume_image` and exactly `reference`'s geometry.
+
+    The image is a new object, so the previous one stays valid for `outputs_restored_on_failure`.
+    """
+    node.SetAndObserveImageData(image)
     apply_geometry(node, volume_geometry(reference))
     _follow_reference(node, reference)
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
 
 
-def _ensure_closed_surface_rule() -> None:
+def write_scalar_volume(
+    node: slicer.vtkMRMLScalarVolumeNode, array: np.ndarray, reference: slicer.vtkMRMLVolumeNode
+) -> None:
+    """Replace `node`'s voxels with `array` (K, J, I) and give it exactly `reference`'s geometry."""
+    commit_scalar_volume(node, volume_image(array, reference), reference)
+
+
+def ensure_closed_surface_rule() -> None:
     """Register labelmap<->surface conversion where no Segmentations module did (plain-Python slicer-core).
 
     In the Slicer application the module registers them at startup, so this does nothing there.
@@ -161,23 +177,28 @@ def _segment(spec: SegmentSpec, labelmap: slicer.vtkOrientedImageData) -> slicer
     segment.SetName(spec.name)
     segment.SetColor(*spec.color)
     segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), spec.terminology)
+    segment.SetTag(MODEL_TAG, MODEL_TAG_VALUE)
     segment.AddRepresentation(BINARY_LABELMAP, labelmap)
     segment.SetLabelValue(spec.label)
     return segment
 
 
 def build_segmentation(
-    labels: np.ndarray, reference: slicer.vtkMRMLVolumeNode, segments: Sequence[SegmentSpec]
+    labels: np.ndarray,
+    reference: slicer.vtkMRMLVolumeNode,
+    segments: Sequence[SegmentSpec],
+    surfaces: bool = True,
 ) -> slicer.vtkSegmentation:
     """A complete segmentation, outside any scene: one segment per spec, in the given order.
 
     All segments share one labelmap (each covers its label value), as Slicer's own labelmap import
     does; a class absent from `labels` still gets its (empty) segment so it can be painted by hand.
-    The closed surfaces are made here too, so the 3-D view shows the result at once.
+    The closed surfaces are made too (unless `surfaces` is False: `add_surfaces` later), so the 3-D view
+    shows the result at once.
     """
     _check_shape(labels, reference, "label")
     _check_labels(labels, segments)
-    _ensure_closed_surface_rule()
+    ensure_closed_surface_rule()
     labelmap = _labelmap_image(labels, reference)
     segmentation = slicer.vtkSegmentation()
     segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
@@ -187,8 +208,27 @@ def build_segmentation(
     )
     for spec in segments:
         segmentation.AddSegment(_segment(spec, labelmap))
-    segmentation.CreateRepresentation(CLOSED_SURFACE)
+    if surfaces:
+        add_surfaces(segmentation)
     return segmentation
+
+
+def add_surfaces(segmentation: slicer.vtkSegmentation) -> None:
+    """The closed surfaces the 3-D view shows; the slowest step of writing a segmentation."""
+    segmentation.CreateRepresentation(CLOSED_SURFACE)
+
+
+def commit_segmentation(
+    node: slicer.vtkMRMLSegmentationNode, staged: slicer.vtkSegmentation, reference: slicer.vtkMRMLScalarVolumeNode
+) -> None:
+    """Replace all segments of `node` by those of `staged` (from `build_segmentation`), on `reference`'s geometry."""
+    modifying = node.StartModify()
+    _follow_reference(node, reference)
+    node.GetSegmentation().DeepCopy(staged)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    node.EndModify(modifying)
 
 
 def write_segmentation(
@@ -201,14 +241,7 @@ def write_segmentation(
 
     The segmentation is built completely before `node` is touched; re-running replaces, never adds.
     """
-    staged = build_segmentation(labels, reference, segments)
-    modifying = node.StartModify()
-    _follow_reference(node, reference)
-    node.GetSegmentation().DeepCopy(staged)
-    node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
-    if node.GetDisplayNode() is None:
-        node.CreateDefaultDisplayNodes()
-    node.EndModify(modifying)
+    commit_segmentation(node, build_segmentation(labels, reference, segments), reference)
 
 
 @contextmanager

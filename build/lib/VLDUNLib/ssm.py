@@ -17,29 +17,8 @@ elementwise work (softplus, D skip, silu gate) per segment in the layers' (b, L,
 8 MiB buffers page-fault, and whole-tensor elementwise passes are memory-bound, each costing about as much
 as the arithmetic of the scan itself.
 
-Measured by hand before that inference path existed (script not kept) on the development machine: 2-core
-Intel Xeon (lscpu; the project notes describe an AMD EPYC), torch 2.14.1, fp32, ``torch.set_num_threads(1)``
-because other jobs kept the load average at 2-4 and two-thread timings swung 5x; best of 8 interleaved
-rounds; "forward" runs under no_grad. Full ``selective_scan(..., backend="torch")`` with D, z, delta_bias
-and softplus, against a plain Python loop over L (the reference in the tests, autograd through it) and
-against mambapy's Blelloch ``pscan`` run on the same discretization in the same process:
-
-==================================  ===========  ===========  =============
-case                                this module  Python loop  mambapy pscan
-==================================  ===========  ===========  =============
-b=1, d=128, n=16, L=4096   forward  39 ms        246 ms       284 ms
-b=1, d=128, n=16, L=4096   fwd+bwd  236 ms       11.0 s       838 ms
-b=8, d=48,  n=8,  L=16384  forward  497 ms       1.75 s       2.44 s
-==================================  ===========  ===========  =============
-
-In a quieter window with two threads this module took 23 ms, 92 ms and 200 ms for the three cases (the
-project notes list pscan at 86-109 ms forward and 229-262 ms fwd+bwd for the first size on an idle EPYC).
-Chunk length floor(sqrt(L)) and the 2**21-element CPU segment were the fastest of those tried
-(T = sqrt(L) or sqrt(L)/2; segments of 2**19 to 2**23 elements). The hand-written segment backward then
-replaced checkpointed autograd through the discretization, scan and readout: fwd+bwd with two threads,
-median of 5, old and new code in alternating processes, 375-414 -> 162-186 ms for the first case and
-1.85-2.13 -> 1.30-1.50 s for b=8, d=48, n=8, L=16384; a CPU training step of the shipped `compact` model
-(batch 8 at 128x128) went from 4.9-5.9 to 3.2-3.7 s.
+Speed against a plain loop and mambapy's Blelloch ``pscan`` is measured by ``vldun benchmark`` (the lab);
+the development notes are in docs/.
 """
 
 from __future__ import annotations

@@ -1,0 +1,61 @@
+"""What a VL-DUN run reports, without torch.
+
+The Slicer process holds these while the model runs in a worker process; importing torch there
+would freeze Slicer for seconds, so they live apart from `inference`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+class Cancelled(Exception):
+    """The run was cancelled (between batches, or by stopping the worker); nothing was written."""
+
+
+@dataclass(frozen=True)
+class SegmentClass:
+    label: int
+    """Value in `Prediction.labels` (1..n)."""
+    name: str
+    """Human-readable name, e.g. "left ventricle cavity"."""
+    key: str
+    """Canonical class key of the model, e.g. "ACDC/LV"."""
+
+
+@dataclass
+class Detection:
+    modality: str
+    modality_probability: float
+    modality_probabilities: dict[str, float]
+    degradation: str
+    degradation_probability: float
+    degradation_probabilities: dict[str, float]
+    out_of_distribution: bool
+    """The modality prior's confidence is under the model's calibrated threshold: unlike the training data."""
+    segments: list[SegmentClass]
+
+    @property
+    def segment_names(self) -> list[str]:
+        return [s.name for s in self.segments]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Detection:
+        fields = dict(data)
+        fields["segments"] = [SegmentClass(**segment) for segment in data["segments"]]
+        return cls(**fields)
+
+
+@dataclass
+class Prediction:
+    restored: np.ndarray
+    """(S, H, W) float32 in the input's intensity scale."""
+    labels: np.ndarray
+    """(S, H, W) uint8: 0 background, else `SegmentClass.label`."""
+    detection: Detection
