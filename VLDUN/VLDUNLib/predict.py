@@ -354,11 +354,18 @@ CASE_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
 
 
 def write_summary(path: Path, rows: list[dict[str, object]]) -> None:
-    """`summary.csv`, rewritten after every case so that an interrupted run keeps what it finished."""
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, SUMMARY_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    """`summary.csv`, rewritten (atomically) after every case so that an interrupted run keeps what it finished."""
+    temp = _temp_beside(path)
+    try:
+        with temp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, SUMMARY_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 class Case(NamedTuple):

@@ -383,6 +383,7 @@ def test_workers_die_with_a_killed_parent(tmp_path, weights):
     env = {**os.environ, "PYTHONPATH": f"{VLDUN_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     parent = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
+    workers: list[int] = []
     try:
         deadline = time.monotonic() + 120
         while len(workers := children_of(parent.pid)) < 2 and time.monotonic() < deadline:
@@ -397,8 +398,31 @@ def test_workers_die_with_a_killed_parent(tmp_path, weights):
             time.sleep(0.1)
         assert not any(alive(w) for w in workers), "workers outlived their killed parent"
     finally:
-        for pid in children_of(parent.pid) + [parent.pid]:
+        for pid in [*workers, parent.pid]:  # never leave orphans behind, even when the test fails
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    from VLDUNLib import predict
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "predict_cohort", interrupted)
+    assert main(["predict", str(scan(tmp_path)), "--out", str(tmp_path / "o")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_a_summary_write_never_leaves_half_a_file(tmp_path, monkeypatch):
+    from VLDUNLib import predict
+
+    summary = tmp_path / "summary.csv"
+    predict.write_summary(summary, [{"case": "a", "status": "done"}])
+    before = summary.read_text()
+    monkeypatch.setattr(predict.csv.DictWriter, "writerows", lambda self, rows: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        predict.write_summary(summary, [{"case": "b", "status": "done"}])
+    assert summary.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["summary.csv"]
