@@ -27,7 +27,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     failed = predict_cohort([Path(p) for p in args.inputs], Path(args.out), weights=args.weights, device=args.device,
                             batch_size=args.batch_size, degradation=args.degradation, mirror=args.mirror,
-                            overwrite=args.overwrite, workers=args.workers)
+                            overwrite=args.overwrite, workers=args.workers, allow_label_maps=args.allow_label_maps)
     return 1 if failed else 0
 
 
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="CPU processes that take a cohort's cases in turn, sharing the cores (default 1); each "
                    "holds its own model and volume, so memory grows with them")
+    p.add_argument("--allow-label-maps", action="store_true",
+                   help="restore integer volumes with few distinct values, which are otherwise refused as label maps")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     p.set_defaults(func=_predict)
 
     _add_plugins(sub)
@@ -94,9 +97,26 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"vldun {args.command}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        print(f"vldun {args.command}: interrupted; finished cases are kept and a rerun resumes.", file=sys.stderr)
+        return 130
+    except Exception as error:  # every foreseeable error is one line; the traceback only with --debug
+        if getattr(args, "debug", False):
+            raise
+        print(f"vldun {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line; its type when the message alone would not say what happened."""
+    message = " ".join(str(error).split())
+    if isinstance(error, (ValueError, FileNotFoundError)) and message:
+        return message
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -46,7 +46,16 @@ class PriorConfig:
     text_layers: int = 2
     embed_dim: int = 128
     open_clip_model: str | None = None
-    """Name of a stock open_clip architecture (e.g. "ViT-B-16"); overrides the sizes above."""
+    """Name of a stock open_clip architecture (e.g. "ViT-B-16"); overrides the sizes above. Only open_clip's
+    built-in local model configs: its `hf-hub:`/`local-dir:` schemes (a download, or a pickled model that
+    torch.load would run) and paths are refused here, names open_clip does not list in `priors.build_clip`."""
+
+    def __post_init__(self) -> None:
+        name = self.open_clip_model
+        if name is not None and (not isinstance(name, str) or ":" in name or "/" in name or "\\" in name):
+            raise ValueError(f"open_clip_model {name!r} is not allowed: name one of open_clip's built-in "
+                             "architectures (e.g. 'ViT-B-16'); remote (hf-hub:) and local-directory models are "
+                             "refused because they download or unpickle code.")
 
 
 @dataclass

@@ -70,9 +70,17 @@ class PriorOutput:
         return PriorOutput(self.modality_logits.detach(), self.degradation_logits.detach(), self.tokens.detach())
 
 
+def check_open_clip_name(name: str) -> None:
+    """Only open_clip's built-in architectures: never a `hf-hub:` download or a `local-dir:` pickle."""
+    if ":" in name or "/" in name or name not in open_clip.list_models():
+        raise ValueError(f"open_clip_model {name!r} is not one of open_clip's built-in architectures "
+                         "(open_clip.list_models()); remote and local-directory models are refused.")
+
+
 def build_clip(cfg: PriorConfig) -> CLIP:
     """An open_clip CLIP: a stock architecture by name (paper preset) or the compact CPU one."""
     if cfg.open_clip_model:
+        check_open_clip_name(cfg.open_clip_model)
         return open_clip.create_model(cfg.open_clip_model, pretrained=None)
     vision = CLIPVisionCfg(
         image_size=cfg.image_size,
@@ -107,6 +115,8 @@ def load_clip_checkpoint(clip: CLIP, path: str | Path) -> None:
 @torch.no_grad()
 def encode_prompts(clip: CLIP, prompts: list[str], model_name: str | None) -> torch.Tensor:
     """Unit-norm embeddings of the fixed degradation prompts by the frozen text encoder E_t (Sec. 3.3.3)."""
+    if model_name:
+        check_open_clip_name(model_name)
     tokenizer = open_clip.get_tokenizer(model_name or "ViT-B-16")
     clip.eval()
     return F.normalize(clip.encode_text(tokenizer(prompts)), dim=-1)

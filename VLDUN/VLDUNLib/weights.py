@@ -4,12 +4,19 @@ A weights file is never unpickled, and nothing of it is used before its hash mat
 the config has been checked (known preset, class names for every output channel, tensor shapes equal
 to the architecture's). The JSON also carries what inference needs besides tensors: the class names
 per dataset, the modality classes, the intensity normalisation and the out-of-distribution threshold.
+
+Two hashes seal a model: `sha256` covers the .safetensors file, and `config_sha256` covers the JSON itself,
+as the SHA-256 of its canonical form (`canonical_json`: every key except the two hashes, keys sorted, no
+whitespace, ASCII). Editing anything in the JSON (swapping two class names, the OOD threshold) therefore
+makes the model refuse to load. Whoever changes the JSON on purpose re-seals it with `rewrite_info(path, info)`
+(or `reseal(path)` after editing the file by hand), which recomputes both hashes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +54,8 @@ class ModelInfo:
     """Provenance (data, command, metrics): copied into the model card, never interpreted."""
 
     def to_dict(self, sha256: str) -> dict[str, Any]:
-        return {
+        """The sealed JSON content: `sha256` of the tensors file, then `config_sha256` of the rest."""
+        meta = {
             "format": FORMAT,
             "sha256": sha256,
             "config": self.config.to_dict(),
@@ -57,6 +65,52 @@ class ModelInfo:
             "train_size": self.train_size,
             "extra": self.extra,
         }
+        meta["config_sha256"] = config_sha256(meta)
+        return meta
+
+
+HASH_KEYS = ("sha256", "config_sha256")
+
+
+def canonical_json(meta: dict[str, Any]) -> str:
+    """The JSON content `config_sha256` covers: everything but the two hashes, sorted, compact, ASCII."""
+    return json.dumps({k: v for k, v in meta.items() if k not in HASH_KEYS}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def config_sha256(meta: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(meta).encode("ascii")).hexdigest()
+
+
+def _write_json(path: Path, meta: dict[str, Any]) -> None:
+    """Write through a temporary file in the same folder, so a crash never leaves half a config."""
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(temp, path)
+
+
+def rewrite_info(path: str | Path, info: ModelInfo) -> Path:
+    """Re-seal a model after changing its non-tensor info: write `info` as the JSON beside the weights file
+    `path` (.safetensors or .json), with the tensors' SHA-256 recomputed and a new `config_sha256`.
+    The tensors are not touched. Returns the JSON path."""
+    path = Path(path).with_suffix(".safetensors")
+    if not path.is_file():
+        raise WeightsError(f"{path} is missing; rewrite_info re-seals the JSON of an existing weights file.")
+    json_path = config_path_for(path)
+    _write_json(json_path, info.to_dict(sha256_of(path)))
+    return json_path
+
+
+def reseal(path: str | Path) -> Path:
+    """Re-seal a JSON edited by hand: recompute both hashes over its current content (checked as on load)."""
+    path = Path(path).with_suffix(".safetensors")
+    json_path = config_path_for(path)
+    meta = _read_meta(json_path)
+    meta["sha256"] = sha256_of(path)
+    meta["config_sha256"] = config_sha256(meta)
+    _info_from_meta(meta, json_path)
+    _write_json(json_path, meta)
+    return json_path
 
 
 def sha256_of(path: Path) -> str:
@@ -80,8 +134,20 @@ def save_weights(model: torch.nn.Module, info: ModelInfo, path: str | Path) -> P
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"format": FORMAT})
     json_path = config_path_for(path)
-    json_path.write_text(json.dumps(info.to_dict(sha256_of(path)), indent=2) + "\n")
+    _write_json(json_path, info.to_dict(sha256_of(path)))
     return json_path
+
+
+def _read_meta(json_path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise WeightsError(f"{json_path.name} is not valid JSON ({str(error)[:120]}); restore it from the "
+                           "model's source.") from None
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{json_path.name} holds a JSON {type(meta).__name__}, not a model config object; "
+                           "restore it from the model's source.")
+    return meta
 
 
 def read_model_info(path: str | Path) -> tuple[Path, ModelInfo]:
@@ -98,10 +164,7 @@ def read_model_info(path: str | Path) -> tuple[Path, ModelInfo]:
     for needed in (path, json_path):
         if not needed.is_file():
             raise WeightsError(f"{needed} is missing; a VLDUN model is a .safetensors file with its .json beside it.")
-    try:
-        meta = json.loads(json_path.read_text())
-    except json.JSONDecodeError as error:
-        raise WeightsError(f"{json_path.name} is not valid JSON ({error}); restore it from the model's source.") from error
+    meta = _read_meta(json_path)
     if meta.get("format") != FORMAT:
         raise WeightsError(f"{json_path.name}: format {meta.get('format')!r} is not {FORMAT!r}; re-export the model.")
     actual = sha256_of(path)
@@ -110,12 +173,35 @@ def read_model_info(path: str | Path) -> tuple[Path, ModelInfo]:
             f"{path.name}: SHA-256 {actual[:12]}… does not match {json_path.name} ({str(meta.get('sha256'))[:12]}…). "
             "The file is corrupted or was replaced; download or copy the model again."
         )
+    try:
+        sealed = config_sha256(meta)
+    except (TypeError, ValueError) as error:
+        raise WeightsError(f"{json_path.name} holds values JSON cannot seal ({error}).") from None
+    if meta.get("config_sha256") != sealed:
+        found = meta.get("config_sha256")
+        raise WeightsError(
+            f"{json_path.name}: its content does not match its config_sha256 "
+            + ("(none recorded)" if found is None else f"({str(found)[:12]}… recorded, {sealed[:12]}… now)")
+            + ": the config was edited or belongs to other weights. Copy the model again, or, if the edit was "
+            "intended, re-seal it with VLDUNLib.weights.reseal(path)."
+        )
     info = _info_from_meta(meta, json_path)
     return path, info
 
 
 def _info_from_meta(meta: dict[str, Any], json_path: Path) -> ModelInfo:
+    try:
+        return _checked_info(meta, json_path)
+    except WeightsError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as error:
+        raise WeightsError(f"{json_path.name}: malformed model config ({type(error).__name__}: {error}).") from None
+
+
+def _checked_info(meta: dict[str, Any], json_path: Path) -> ModelInfo:
     config_data = meta.get("config") or {}
+    if not isinstance(config_data, dict):
+        raise WeightsError(f"{json_path.name}: 'config' must be an object, got {type(config_data).__name__}.")
     preset = config_data.get("preset")
     if preset not in PRESETS:
         raise WeightsError(f"{json_path.name}: unknown preset {preset!r}; this VLDUN knows {sorted(PRESETS)}.")
@@ -146,6 +232,17 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     path, info = read_model_info(path or DEFAULT_WEIGHTS)
     model = build_model(info.config)
     expected = model.state_dict()
+    try:
+        state = _read_tensors(path, expected)
+    except WeightsError:
+        raise
+    except Exception as error:  # safetensors raises its own SafetensorError for a corrupt header
+        raise WeightsError(f"{path.name} could not be read as safetensors ({error}); copy the model again.") from None
+    model.load_state_dict(state)
+    return model.to(device).eval(), info
+
+
+def _read_tensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         keys = set(handle.keys())
         missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
@@ -163,5 +260,4 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
                     f"{tuple(expected[key].shape)}; the config belongs to other weights."
                 )
             state[key] = tensor
-    model.load_state_dict(state)
-    return model.to(device).eval(), info
+    return state

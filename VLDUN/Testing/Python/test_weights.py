@@ -8,7 +8,7 @@ import pytest
 import torch
 from model_factory import tiny_config
 from VLDUNLib.network import VLDUN
-from VLDUNLib.weights import ModelInfo, WeightsError, load_model, save_weights
+from VLDUNLib.weights import ModelInfo, WeightsError, config_sha256, load_model, save_weights
 
 
 @pytest.fixture()
@@ -62,6 +62,7 @@ def edit_config(path, change):
     json_path = path.with_suffix(".json")
     meta = json.loads(json_path.read_text())
     change(meta)
+    meta["config_sha256"] = config_sha256(meta)  # sealed, so that the content checks behind the seal are reached
     json_path.write_text(json.dumps(meta))
 
 
