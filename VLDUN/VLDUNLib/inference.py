@@ -2,8 +2,8 @@
 
 The volume is streamed: only one batch of slices is ever held as float32 tensors, so memory stays flat
 for 512x512x300 volumes. Intensities are normalised by the same function as in training
-(`intensity.fit_window`, fitted once on the whole volume) and the restored slices are mapped back to
-the input's scale. The segmentation head covers the classes of every training dataset; the modality the
+(`intensity.fit_window`, fitted once on the whole volume); the network's correction is mapped back to the
+input's scale and voxels outside the window keep their own values (`intensity.restore_outside_window`). The segmentation head covers the classes of every training dataset; the modality the
 prior detects selects which dataset's classes are reported.
 """
 
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from .intensity import (
     IntensityWindow,
-    denormalize,
     fit_window,
     normalize,
+    restore_outside_window,
     to_unit_range,
 )
 from .letterbox import content_box, resize_images
@@ -295,7 +295,8 @@ class VolumePredictor:
                 batch_size = max(1, batch_size // 2)
                 continue
             if restored_batch is not None:
-                restored[start:stop] = denormalize(restored_batch[:, 0].float().cpu().numpy(), window)
+                restored[start:stop] = restore_outside_window(
+                    volume[start:stop], batch[:, 0].cpu().numpy(), restored_batch[:, 0].float().cpu().numpy(), window)
             else:
                 restored[start:stop] = volume[start:stop]
             if seg_logits is not None:

@@ -314,3 +314,38 @@ def test_mirrored_scores_are_probabilities_and_mirror_with_the_input(volume, tra
     torch.testing.assert_close(scores.sum(1), torch.ones(2, 24, 20), atol=1e-5, rtol=0)
     if train_size is None:
         torch.testing.assert_close(flipped, scores.flip(-1), atol=1e-5, rtol=0)
+
+
+def identity_restoration(predictor):
+    """The predictor with its restoration residual zeroed: the network returns its input unchanged."""
+    torch.nn.init.zeros_(predictor.model.rec_head.refine[-1].weight)
+    torch.nn.init.zeros_(predictor.model.rec_head.refine[-1].bias)
+    return predictor
+
+
+def test_ct_keeps_air_metal_and_bone_outside_the_window():
+    rng = np.random.default_rng(1)
+    volume = (40.0 + 10.0 * rng.standard_normal((4, 32, 32))).astype(np.float32)
+    volume[:, :8] = -1024.0
+    volume[:, 12:14, 12:14] = 3000.0
+    volume[:, 20:22, 5:9] = 1500.0
+    assert fit_window(volume).kind == "ct_hu"
+    restored = tiny_predictor().predict(volume).restored
+    outside = (volume < -1000) | (volume > 1000)
+    np.testing.assert_array_equal(restored[outside], volume[outside])
+    assert restored.max() == 3000.0 and restored.min() == -1024.0
+
+
+def test_mri_keeps_its_maximum(volume):
+    mri = volume.astype(np.float32)
+    mri[2, 12, 10] = 9.31 * mri.max()
+    restored = tiny_predictor().predict(mri).restored
+    assert restored.max() == mri.max() and restored[2, 12, 10] == mri[2, 12, 10]
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_a_volume_the_network_leaves_unchanged_comes_back_bit_identical(volume, dtype):
+    source = volume.astype(dtype)
+    source[0, 0, 0] = 30000 if dtype == np.int16 else 1e6
+    restored = identity_restoration(tiny_predictor()).predict(source).restored
+    np.testing.assert_array_equal(restored, source.astype(np.float32))
