@@ -349,3 +349,53 @@ def test_a_volume_the_network_leaves_unchanged_comes_back_bit_identical(volume, 
     source[0, 0, 0] = 30000 if dtype == np.int16 else 1e6
     restored = identity_restoration(tiny_predictor()).predict(source).restored
     np.testing.assert_array_equal(restored, source.astype(np.float32))
+
+
+def with_ood_at(predictor, volume, distance: float):
+    """The predictor with statistics that put `volume`'s embedding at `distance` from the only class mean,
+    threshold 1."""
+    from VLDUNLib.ood import MahalanobisOOD
+
+    window = fit_window(volume)
+    embedding = predictor.slice_prior(predictor._slices(volume, window, prior_slice_indices(len(volume)))).embedding
+    mean = embedding[0].double().numpy().copy()
+    mean[0] += distance
+    predictor.info.ood = MahalanobisOOD({"ACDC/MRI": mean}, np.eye(len(mean)), 1.0)
+    return predictor
+
+
+def test_the_detection_is_readable_and_keeps_the_key_for_machines(volume):
+    detection = tiny_predictor().predict(volume).detection
+    assert detection.modality == "MRI · heart, cine" and detection.modality_key == "ACDC/MRI"
+    assert detection.task == "heart" and detection.segmentation_note == ""
+
+
+def test_the_unknown_scan_score_is_the_distance_to_the_training_modality(volume):
+    near = with_ood_at(tiny_predictor(), volume, 0.5).predict(volume).detection
+    far = with_ood_at(tiny_predictor(), volume, 3.0).predict(volume).detection
+    assert near.ood_score == pytest.approx(0.5, abs=1e-4) and not near.out_of_distribution
+    assert far.ood_score == pytest.approx(3.0, abs=1e-4) and far.out_of_distribution
+
+
+def test_auto_leaves_an_unknown_scan_unsegmented_and_says_how_to_force_a_task(volume):
+    prediction = with_ood_at(tiny_predictor(), volume, 3.0).predict(volume)
+    assert prediction.detection.segments == [] and prediction.detection.task is None
+    assert not prediction.labels.any() and prediction.restored.shape == volume.shape
+    assert "unlike the training data" in prediction.detection.segmentation_note
+    assert "--task heart" in prediction.detection.segmentation_note
+
+
+def test_a_named_task_segments_even_an_unknown_scan(volume):
+    predictor = with_ood_at(tiny_predictor(), volume, 3.0)
+    auto_free = tiny_predictor().predict(volume)
+    forced = predictor.predict(volume, task="heart")
+    assert forced.detection.out_of_distribution and forced.detection.task == "heart"
+    assert [s.key for s in forced.detection.segments] == ["ACDC/RV", "ACDC/MYO", "ACDC/LV"]
+    np.testing.assert_array_equal(forced.labels, auto_free.labels)
+
+
+def test_tasks_lists_the_choices_and_unknown_ones_are_refused(volume):
+    predictor = tiny_predictor()
+    assert predictor.tasks() == {"heart": "Heart: ventricles and myocardium"}
+    with pytest.raises(ValueError, match="Unknown task 'liver'.*heart"):
+        predictor.predict(volume, task="liver")

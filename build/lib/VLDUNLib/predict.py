@@ -109,6 +109,7 @@ def finished(out: Path, path: Path) -> dict[str, object] | None:
 
 def predict_volume(
     predictor: VolumePredictor, path: Path, out: Path, batch_size: int = 8, degradation: str | None = None,
+    task: str = "auto",
 ) -> dict[str, object]:
     """Restore and segment one file with a loaded model; returns what `detection.json` holds."""
     image = read_volume(path)
@@ -119,7 +120,7 @@ def predict_volume(
     axis = slice_axis_of(image)
     started = time.monotonic()
     prediction = predictor.predict(volume_to_slices(array, axis), batch_size=batch_size,
-                                   degradation_override=degradation)
+                                   degradation_override=degradation, task=task)
     out.mkdir(parents=True, exist_ok=True)
     for name, slices in (("restored", prediction.restored), ("segmentation", prediction.labels)):
         result = sitk.GetImageFromArray(np.ascontiguousarray(slices_to_volume(slices, axis)))
@@ -139,22 +140,24 @@ def report(label: str, path: Path, out: Path, detection: dict[str, object]) -> N
           f"{detection['degradation']} (p={detection['degradation_probability']:.2f}); "
           f"{len(detection['segments'])} classes; outputs in {out}/")
     if detection["out_of_distribution"]:
-        print("Warning: the scan is unlike the training data (low modality confidence); check the results with care.")
+        print("Warning: the scan is unlike the training data; check the results with care.")
+    if detection.get("segmentation_note"):
+        print(f"Note: {detection['segmentation_note']}")
 
 
 def predict_file(
     path: Path, out: Path, weights: str | None = None, device: str = "auto", batch_size: int = 8,
-    degradation: str | None = None, mirror: bool = False,
+    degradation: str | None = None, mirror: bool = False, task: str = "auto",
 ) -> dict[str, object]:
     """Load the model and restore and segment one file into `out`."""
     predictor = VolumePredictor(weights, device=device, mirror=mirror)
-    detection = predict_volume(predictor, path, out, batch_size, degradation)
+    detection = predict_volume(predictor, path, out, batch_size, degradation, task)
     report("", path, out, detection)
     return detection
 
 
 SUMMARY_FIELDS = ("case", "input", "status", "modality", "modality_probability", "degradation",
-                  "degradation_probability", "out_of_distribution", "seconds", "error")
+                  "degradation_probability", "out_of_distribution", "task", "segmentation_note", "seconds", "error")
 CASE_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
 """What one bad case raises (SimpleITK reports an unreadable file as RuntimeError); the cohort goes on."""
 
@@ -181,6 +184,7 @@ class Settings(NamedTuple):
     batch_size: int
     degradation: str | None
     mirror: bool
+    task: str = "auto"
 
 
 def load_predictor(settings: Settings) -> VolumePredictor:
@@ -191,8 +195,8 @@ def run_case(predictor: VolumePredictor, case: Case, settings: Settings) -> dict
     """A summary row: the case's detection with status "done", or status "failed" and the error."""
     row: dict[str, object] = {"case": case_name(case.path), "input": str(case.path)}
     try:
-        row.update(predict_volume(predictor, case.path, case.out, settings.batch_size, settings.degradation),
-                   status="done")
+        row.update(predict_volume(predictor, case.path, case.out, settings.batch_size, settings.degradation,
+                                  settings.task), status="done")
     except CASE_ERRORS as error:
         row.update(status="failed", error=str(error))
     return row
@@ -241,6 +245,7 @@ def run_in_workers(cases: list[Case], settings: Settings, workers: int) -> Itera
 def predict_cohort(
     inputs: list[Path], out: Path, weights: str | None = None, device: str = "auto", batch_size: int = 8,
     degradation: str | None = None, mirror: bool = False, overwrite: bool = False, workers: int = 1,
+    task: str = "auto",
 ) -> int:
     """Run every case of `inputs` (files or folders) into `out`; returns how many failed.
 
@@ -253,7 +258,7 @@ def predict_cohort(
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}.")
     files = find_inputs(inputs)
-    settings = Settings(weights, device, batch_size, degradation, mirror)
+    settings = Settings(weights, device, batch_size, degradation, mirror, task)
     if len(inputs) == 1 and inputs[0].is_file():
         if overwrite or finished(out, files[0]) is None:
             predict_file(files[0], out, **settings._asdict())
