@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LAB_COMMANDS = ("train", "prepare", "evaluate", "benchmark", "complexity")
+LAB_COMMANDS = ("train", "prepare", "evaluate", "calibrate-ood", "benchmark", "complexity")
 
 
 def _add_plugins(sub: argparse._SubParsersAction) -> None:

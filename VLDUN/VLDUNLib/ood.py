@@ -10,6 +10,7 @@ JSON; a scan farther than the threshold is reported as unlike the training data.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,9 @@ class MahalanobisOOD:
     threshold: float
 
     def __post_init__(self) -> None:
+        # Held at float32 precision, as stored, so a model scores the same before and after a save.
+        object.__setattr__(self, "means", {k: _float32(v) for k, v in self.means.items()})
+        object.__setattr__(self, "precision", _float32(self.precision))
         dims = {m.shape for m in self.means.values()}
         if not self.means or len(dims) != 1 or self.precision.shape != (next(iter(dims))[0],) * 2:
             raise ValueError(f"OOD statistics need class means of one length D and a D x D precision matrix; got "
@@ -50,8 +54,9 @@ class MahalanobisOOD:
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": "mahalanobis",
-            "means": {k: [round(float(v), 7) for v in mu] for k, mu in self.means.items()},
-            "precision": [[float(v) for v in row] for row in self.precision],
+            "means": {k: [float(v) for v in mu] for k, mu in self.means.items()},
+            "precision_shape": list(self.precision.shape),
+            "precision_float32_base64": base64.b64encode(self.precision.astype("<f4").tobytes()).decode("ascii"),
             "threshold": float(self.threshold),
         }
 
@@ -60,7 +65,13 @@ class MahalanobisOOD:
         if data.get("method") != "mahalanobis":
             raise ValueError(f"Unknown OOD method {data.get('method')!r}; this VLDUN knows 'mahalanobis'.")
         means = {k: np.asarray(v, np.float64) for k, v in data["means"].items()}
-        return cls(means, np.asarray(data["precision"], np.float64), float(data["threshold"]))
+        raw = np.frombuffer(base64.b64decode(data["precision_float32_base64"]), "<f4")
+        return cls(means, raw.reshape(data["precision_shape"]), float(data["threshold"]))
+
+
+def _float32(values: np.ndarray) -> np.ndarray:
+    """float64 values rounded to float32 (the stored precision; 16 k numbers of a 128-d embedding stay ~90 kB)."""
+    return np.asarray(values, np.float32).astype(np.float64)
 
 
 def fit_mahalanobis(embeddings: np.ndarray, keys: list[str], shrinkage: float = 0.1) -> tuple[dict[str, np.ndarray], np.ndarray]:
