@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import NO_DEGRADATION, NO_DEGRADATION_TEXT
 from .intensity import (
     IntensityWindow,
     fit_window,
@@ -255,7 +256,7 @@ class VolumePredictor:
             modality=self.info.modality_names.get(key, key),
             modality_probability=mod[m],
             modality_probabilities=dict(zip(config.modalities, mod)),
-            degradation=config.degradations[d],
+            degradation=NO_DEGRADATION_TEXT if config.degradations[d] == NO_DEGRADATION else config.degradations[d],
             degradation_probability=deg[d],
             degradation_probabilities=dict(zip(config.degradations, deg)),
             out_of_distribution=unknown,

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from VLDUNLib.config import ABLATIONS
+from VLDUNLib.config import ABLATIONS, DEGRADATION_PROMPTS
 from VLDUNLib.degradations import (
     DEGRADATIONS,
     Degraded,
@@ -177,7 +177,8 @@ class Evaluator:
             prior = self.predictor.slice_prior(degraded.to(device))
             if prior is None:
                 return []
-            trials.append((DEGRADATIONS[label], DEGRADATIONS[int(prior.degradation_probs.argmax())]))
+            seen = self.model.config.degradations[int(prior.degradation_probs.argmax())]
+            trials.append((DEGRADATIONS[label], seen))
         return trials
 
     def evaluate(self, dataset: DatasetInfo, max_cases: int | None, montage_dir: Path | None) -> dict[str, Any]:
@@ -322,7 +323,8 @@ def confusion(trials: list[tuple[str, str]]) -> dict[str, dict[str, int]]:
     """{true degradation: {detected: count}}: which look-alikes the prior mixes up (blur and low resolution, say)."""
     counts = Counter(trials)
     table: dict[str, dict[str, int]] = {}
-    for truth, seen in sorted(counts, key=lambda pair: (DEGRADATIONS.index(pair[0]), DEGRADATIONS.index(pair[1]))):
+    order = {name: i for i, name in enumerate(DEGRADATION_PROMPTS)}
+    for truth, seen in sorted(counts, key=lambda pair: (order[pair[0]], order[pair[1]])):
         table.setdefault(truth, {})[seen] = counts[truth, seen]
     return table
 

@@ -106,3 +106,20 @@ def unseen_sets() -> dict[str, list[Volume]]:
     """Every set of unseen volumes by name (MNI152 apart, as it is in-distribution for the modality)."""
     return {"mni152": [("mni152_t1", mni152()[0])], "nilearn_maps": nilearn_maps(), "natural": natural(),
             "noise": noise(), "checkerboard": checkerboard()}
+
+
+def healthy_brain_tumour_ml(predictor, task: str = "auto") -> dict[str, object]:
+    """Millilitres labelled as tumour on the healthy MNI152 T1 template with `task`: specificity on healthy anatomy.
+
+    Any tumour class counts (the brain_tumour task's classes); with task "auto" a scan routed to another task or
+    left unsegmented labels 0 mL of tumour.
+    """
+    volume, voxel_ml = mni152()
+    prediction = predictor.predict(volume, task=task)
+    detection = prediction.detection
+    tumour = [s.label for s in detection.segments if s.key in {predictor.info.classes[i] for i in
+                                                               predictor.info.tasks["brain_tumour"].classes}]
+    voxels = int(np.isin(prediction.labels, tumour).sum()) if tumour else 0
+    return {"task": task, "routed_to": detection.task, "modality": detection.modality,
+            "ood_score": detection.ood_score, "unknown": detection.out_of_distribution,
+            "tumour_ml": voxels * voxel_ml}

@@ -399,3 +399,11 @@ def test_tasks_lists_the_choices_and_unknown_ones_are_refused(volume):
     assert predictor.tasks() == {"heart": "Heart: ventricles and myocardium"}
     with pytest.raises(ValueError, match="Unknown task 'liver'.*heart"):
         predictor.predict(volume, task="liver")
+
+
+def test_a_model_with_a_none_class_says_no_degradation_detected(volume):
+    predictor = tiny_predictor(degradations=("noise", "blur", "none"))
+    detection = predictor.predict(volume, degradation_override="none").detection
+    assert detection.degradation == "no degradation detected" and set(detection.degradation_probabilities) == {
+        "noise", "blur", "none"}
+    assert tiny_predictor(degradations=("noise", "none")).predict(volume, degradation_override="noise").detection.degradation == "noise"
