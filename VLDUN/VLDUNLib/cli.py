@@ -27,7 +27,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     failed = predict_cohort([Path(p) for p in args.inputs], Path(args.out), weights=args.weights, device=args.device,
                             batch_size=args.batch_size, degradation=args.degradation, mirror=args.mirror,
-                            overwrite=args.overwrite, workers=args.workers, allow_label_maps=args.allow_label_maps)
+                            overwrite=args.overwrite, workers=args.workers, allow_label_maps=args.allow_label_maps,
+                            task=args.task)
     return 1 if failed else 0
 
 
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--degradation", default=None, help="known degradation instead of the detected one")
     p.add_argument("--mirror", action="store_true", help=MIRROR_HELP)
+    p.add_argument("--task", default="auto",
+                   help="classes to segment: heart, brain_tumour, lung_infection, abdominal_organs (the model's "
+                   "tasks), or auto (default): the detected modality's task, and none for a scan unlike the "
+                   "training data")
     p.add_argument("--workers", type=int, default=1,
                    help="CPU processes that take a cohort's cases in turn, sharing the cores (default 1); each "
                    "holds its own model and volume, so memory grows with them")
@@ -65,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LAB_COMMANDS = ("train", "prepare", "evaluate", "benchmark", "complexity")
+LAB_COMMANDS = ("train", "prepare", "evaluate", "calibrate-ood", "benchmark", "complexity")
 
 
 def _add_plugins(sub: argparse._SubParsersAction) -> None:

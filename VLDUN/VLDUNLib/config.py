@@ -19,8 +19,16 @@ DEGRADATION_PROMPTS: dict[str, str] = {
     "low_resolution": "Low-resolution medical image with pixelated, coarse details",
     "undersampling": "Undersampled MRI with aliasing and wrap-around ghosts",
     "sparse_view": "Sparse-view CT with radial streak artifacts",
+    "none": "Clean medical image without artifacts",
 }
-"""One fixed text prompt per degradation (Sec. 3.3.3): the frozen text encoder turns them into anchors."""
+"""One fixed text prompt per degradation (Sec. 3.3.3): the frozen text encoder turns them into anchors.
+
+"none" is the answer for a clean scan: a model lists it in its `degradations` when it was trained with clean
+slices as a class of their own (the shipped model was not, so it always names some degradation)."""
+
+NO_DEGRADATION = "none"
+NO_DEGRADATION_TEXT = "no degradation detected"
+"""What the detection says when the "none" class wins."""
 
 # Modality classes of the shipped model's training data; a trained model stores its own in its config.
 DEFAULT_MODALITIES: tuple[str, ...] = (

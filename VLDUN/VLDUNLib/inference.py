@@ -2,9 +2,10 @@
 
 The volume is streamed: only one batch of slices is ever held as float32 tensors, so memory stays flat
 for 512x512x300 volumes. Intensities are normalised by the same function as in training
-(`intensity.fit_window`, fitted once on the whole volume) and the restored slices are mapped back to
-the input's scale. The segmentation head covers the classes of every training dataset; the modality the
-prior detects selects which dataset's classes are reported.
+(`intensity.fit_window`, fitted once on the whole volume); the network's correction is mapped back to the
+input's scale and voxels outside the window keep their own values (`intensity.restore_outside_window`).
+The segmentation head covers the classes of every training dataset; the user's task selects which are reported (`tasks.Task`), or with task "auto" the detected modality's task.
+A scan unlike the training data (`ood.MahalanobisOOD`) is restored but, in "auto", not segmented.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import NO_DEGRADATION, NO_DEGRADATION_TEXT
 from .intensity import (
     IntensityWindow,
-    denormalize,
     fit_window,
     normalize,
+    restore_outside_window,
     to_unit_range,
 )
 from .letterbox import content_box, resize_images
@@ -32,6 +34,7 @@ from .network import VLDUN
 from .priors import PriorOutput
 from .results import Cancelled, Detection, Prediction, SegmentClass
 from .ssm import missing_cuda_scan
+from .tasks import AUTO, task_of_dataset
 from .terminology import display_name
 from .weights import ModelInfo, load_model
 
@@ -233,28 +236,78 @@ class VolumePredictor:
         index = names.index(degradation_override)
         return ScanPrior(*(self.model.prior.with_degradation(p, index) for p in (prior.native, prior.scaled)))
 
-    def detection(self, prior: PriorOutput | None) -> Detection:
+    def tasks(self) -> dict[str, str]:
+        """Task id -> readable label, the choices for `predict(task=...)` besides "auto" (for a selector)."""
+        return {task_id: task.label for task_id, task in self.info.tasks.items() if task.classes}
+
+    def detection(self, prior: PriorOutput | None, task: str = AUTO) -> Detection:
+        """What the prior detected, with the classes of `task` ("auto": the detected modality's task)."""
+        self.check_task(task)
         config = self.model.config
         if prior is None:
-            return Detection("unknown (model without prior)", 0.0, {}, "unknown", 0.0, {}, True, self.segments(None))
+            detection = Detection("unknown (model without prior)", 0.0, {}, "unknown", 0.0, {}, True, [])
+            return self.with_task(detection, task)
         mod = prior.modality_probs[0].cpu().tolist()
         deg = prior.degradation_probs[0].cpu().tolist()
         m, d = int(np.argmax(mod)), int(np.argmax(deg))
-        return Detection(
-            modality=config.modalities[m],
+        key = config.modalities[m]
+        score, unknown = self.unknown_score(prior, mod[m])
+        detection = Detection(
+            modality=self.info.modality_names.get(key, key),
             modality_probability=mod[m],
             modality_probabilities=dict(zip(config.modalities, mod)),
-            degradation=config.degradations[d],
+            degradation=NO_DEGRADATION_TEXT if config.degradations[d] == NO_DEGRADATION else config.degradations[d],
             degradation_probability=deg[d],
             degradation_probabilities=dict(zip(config.degradations, deg)),
-            out_of_distribution=mod[m] < self.info.ood_threshold,
-            segments=self.segments(config.modalities[m]),
+            out_of_distribution=unknown,
+            segments=[],
+            modality_key=key,
+            ood_score=score,
         )
+        return self.with_task(detection, task)
 
-    def segments(self, modality: str | None) -> list[SegmentClass]:
-        """The detected dataset's classes, numbered 1..n; every class when the dataset is unknown."""
-        dataset = modality.split("/")[0] if modality else None
-        indices = self.info.dataset_classes.get(dataset) or list(range(1, len(self.info.classes)))
+    def unknown_score(self, prior: PriorOutput, probability: float) -> tuple[float | None, bool]:
+        """(score, flagged): the Mahalanobis distance of the embedding when the model has statistics, else
+        (None, modality probability under `ood_threshold`)."""
+        statistics = self.info.ood
+        if statistics is None:
+            return None, probability < self.info.ood_threshold
+        score = statistics.score(prior.embedding[0].float().cpu().numpy())
+        return score, statistics.is_unknown(score)
+
+    def check_task(self, task: str) -> None:
+        if task != AUTO and task not in self.tasks():
+            raise ValueError(f"Unknown task {task!r}; choose {AUTO!r} or one of {list(self.tasks())}.")
+
+    def with_task(self, detection: Detection, task: str) -> Detection:
+        """The detection with the segments of `task`; in "auto", of the detected modality's task, or none with a
+        note when the scan is unknown."""
+        if task == AUTO:
+            task = self.detected_task(detection)
+        if task is None:
+            choices = "|".join(self.tasks())
+            reason = ("the scan is unlike the training data" if detection.out_of_distribution
+                      else f"no task matches the detected modality {detection.modality!r}")
+            detection.segmentation_note = f"not segmented: {reason}; choose a task (--task {choices}) to segment anyway"
+            return detection
+        detection.task = task
+        detection.segments = self.segments(task)
+        return detection
+
+    def detected_task(self, detection: Detection) -> str | None:
+        """The task of the detected modality's dataset; None for an unknown scan."""
+        if detection.out_of_distribution or not detection.modality_key:
+            return None
+        dataset = detection.modality_key.split("/")[0]
+        for task_id, task in self.info.tasks.items():
+            if dataset in task.datasets and task.classes:
+                return task_id
+        fallback = task_of_dataset(dataset)
+        return fallback if fallback in self.tasks() else None
+
+    def segments(self, task: str) -> list[SegmentClass]:
+        """The classes of a task, numbered 1..n."""
+        indices = self.info.tasks[task].classes
         return [SegmentClass(i + 1, display_name(self.info.classes[g]), self.info.classes[g]) for i, g in enumerate(indices)]
 
     @torch.no_grad()
@@ -266,14 +319,20 @@ class VolumePredictor:
         progress: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         degradation_override: str | None = None,
+        task: str = AUTO,
     ) -> Prediction:
-        """Volume (S, H, W), slices along axis 0, any real dtype -> restored volume, labels and detection."""
+        """Volume (S, H, W), slices along axis 0, any real dtype -> restored volume, labels and detection.
+
+        `task` names the classes to segment (`tasks()`); "auto" takes the detected modality's task and leaves an
+        unknown scan unsegmented (labels all 0, `detection.segmentation_note` says why).
+        """
         if volume.ndim != 3:
             raise ValueError(f"Expected a (slices, rows, columns) array, got shape {volume.shape}.")
+        self.check_task(task)
         window = fit_window(volume)
         with _cpu_fix_on_out_of_memory("computing the vision-language prior"):
             prior = self.volume_prior(volume, window, degradation_override)
-        detection = self.detection(prior.native if prior else None)
+        detection = self.detection(prior.native if prior else None, task)
         global_ids = torch.tensor([0] + [self.info.classes.index(s.key) for s in detection.segments], device=self.device)
         restored = np.empty(volume.shape, np.float32)
         labels = np.zeros(volume.shape, np.uint8)
@@ -295,10 +354,11 @@ class VolumePredictor:
                 batch_size = max(1, batch_size // 2)
                 continue
             if restored_batch is not None:
-                restored[start:stop] = denormalize(restored_batch[:, 0].float().cpu().numpy(), window)
+                restored[start:stop] = restore_outside_window(
+                    volume[start:stop], batch[:, 0].cpu().numpy(), restored_batch[:, 0].float().cpu().numpy(), window)
             else:
                 restored[start:stop] = volume[start:stop]
-            if seg_logits is not None:
+            if seg_logits is not None and detection.segments:
                 picked = seg_logits.index_select(1, global_ids).argmax(1)
                 labels[start:stop] = picked.to(torch.uint8).cpu().numpy()
             start = stop

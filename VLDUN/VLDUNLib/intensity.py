@@ -158,3 +158,21 @@ def to_unit_range(x: Array) -> Array:
     if isinstance(x, torch.Tensor):
         return x.to(torch.float32).clamp(0.0, 1.0)
     return np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0)
+
+
+def restore_outside_window(original: np.ndarray, unit_input: np.ndarray, unit_restored: np.ndarray,
+                           window: IntensityWindow) -> np.ndarray:
+    """The network's restoration in the input's scale, losing nothing the window clipped.
+
+    The network sees ``to_unit_range(normalize(original))`` and returns a restored image in [0, 1] terms. Its
+    correction (restored - input, in window units) is added to the original voxels inside the window; voxels the
+    window clipped (air under -1000 HU, metal above 1000 HU, the MRI maximum above the 99.5th percentile) keep
+    their own value, since the network never saw them. A correction of exactly 0 returns ``original`` as float32.
+    """
+    _check_window(window)
+    original32 = _as_float32(np.asarray(original))
+    unit = normalize(original32, window)
+    inside = (unit >= 0.0) & (unit <= 1.0)
+    correction = (np.asarray(unit_restored, np.float32) - np.asarray(unit_input, np.float32)) * np.float32(
+        window.high - window.low)
+    return np.where(inside, original32 + correction, original32).astype(np.float32, copy=False)

@@ -149,14 +149,16 @@ OUTPUT_OPTIONS = ("degradation", "mirror", "task", "allow_label_maps")
 """Settings that change a case's outputs (batch size and device do not); recorded in its marker."""
 
 
-def weights_identity(weights: str | None) -> dict[str, str]:
+def weights_identity(weights: str | None, task: str = "auto") -> dict[str, str]:
     """The verified SHA-256s of a model's tensors and config; raises `WeightsError` (a ValueError) up front
-    for a corrupt, edited or missing model, before any case runs."""
+    for a corrupt, edited or missing model, or a ValueError for a task the model has not, before any case runs."""
     from safetensors import safe_open
 
     from .weights import DEFAULT_WEIGHTS, WeightsError, config_path_for, read_model_info
 
-    path, _ = read_model_info(weights or DEFAULT_WEIGHTS)
+    path, info = read_model_info(weights or DEFAULT_WEIGHTS)
+    if task != "auto" and task not in info.tasks:
+        raise ValueError(f"Unknown task {task!r}; this model's tasks are auto, {', '.join(info.tasks)}.")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             handle.keys()
@@ -290,7 +292,7 @@ def check_voxels(path: Path, image: sitk.Image, array: np.ndarray, axis: int, al
 
 def predict_volume(
     predictor: VolumePredictor, path: Path, out: Path, batch_size: int = 8, degradation: str | None = None,
-    produced_by: dict[str, object] | None = None, allow_label_maps: bool = False,
+    produced_by: dict[str, object] | None = None, allow_label_maps: bool = False, task: str = "auto",
 ) -> dict[str, object]:
     """Restore and segment one file with a loaded model; returns what `detection.json` holds.
 
@@ -303,7 +305,7 @@ def predict_volume(
     check_voxels(path, image, array, axis, allow_label_maps)
     started = time.monotonic()
     prediction = predictor.predict(volume_to_slices(array, axis), batch_size=batch_size,
-                                   degradation_override=degradation)
+                                   degradation_override=degradation, task=task)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).unlink(missing_ok=True)
     _remove_stale_temps(out)
@@ -329,26 +331,28 @@ def report(label: str, path: Path, out: Path, detection: dict[str, object]) -> N
           f"{detection['degradation']} (p={detection['degradation_probability']:.2f}); "
           f"{len(detection['segments'])} classes; outputs in {out}/")
     if detection["out_of_distribution"]:
-        print("Warning: the scan is unlike the training data (low modality confidence); check the results with care.")
+        print("Warning: the scan is unlike the training data; check the results with care.")
+    if detection.get("segmentation_note"):
+        print(f"Note: {detection['segmentation_note']}")
 
 
 def predict_file(
     path: Path, out: Path, weights: str | None = None, device: str = "auto", batch_size: int = 8,
-    degradation: str | None = None, mirror: bool = False, allow_label_maps: bool = False,
+    degradation: str | None = None, mirror: bool = False, allow_label_maps: bool = False, task: str = "auto",
     produced_by: dict[str, object] | None = None,
 ) -> dict[str, object]:
     """Load the model and restore and segment one file into `out`."""
     if produced_by is None:
-        settings = Settings(weights, device, batch_size, degradation, mirror, allow_label_maps)
+        settings = Settings(weights, device, batch_size, degradation, mirror, allow_label_maps, task)
         produced_by = provenance(path, weights_identity(weights), settings)
     predictor = VolumePredictor(weights, device=device, mirror=mirror)
-    detection = predict_volume(predictor, path, out, batch_size, degradation, produced_by, allow_label_maps)
+    detection = predict_volume(predictor, path, out, batch_size, degradation, produced_by, allow_label_maps, task)
     report("", path, out, detection)
     return detection
 
 
 SUMMARY_FIELDS = ("case", "input", "status", "modality", "modality_probability", "degradation",
-                  "degradation_probability", "out_of_distribution", "seconds", "error")
+                  "degradation_probability", "out_of_distribution", "task", "segmentation_note", "seconds", "error")
 CASE_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
 """What one bad case raises (SimpleITK reports an unreadable file as RuntimeError); the cohort goes on."""
 
@@ -384,6 +388,7 @@ class Settings(NamedTuple):
     degradation: str | None
     mirror: bool
     allow_label_maps: bool = False
+    task: str = "auto"
 
 
 def load_predictor(settings: Settings) -> VolumePredictor:
@@ -395,7 +400,7 @@ def run_case(predictor: VolumePredictor, case: Case, settings: Settings) -> dict
     row: dict[str, object] = {"case": case_name(case.path), "input": str(case.path)}
     try:
         row.update(predict_volume(predictor, case.path, case.out, settings.batch_size, settings.degradation,
-                                  case.produced_by, settings.allow_label_maps), status="done")
+                                  case.produced_by, settings.allow_label_maps, settings.task), status="done")
     except CASE_ERRORS as error:
         row.update(status="failed", error=str(error))
     return row
@@ -458,7 +463,7 @@ def run_in_workers(cases: list[Case], settings: Settings, workers: int) -> Itera
 def predict_cohort(
     inputs: list[Path], out: Path, weights: str | None = None, device: str = "auto", batch_size: int = 8,
     degradation: str | None = None, mirror: bool = False, overwrite: bool = False, workers: int = 1,
-    allow_label_maps: bool = False,
+    allow_label_maps: bool = False, task: str = "auto",
 ) -> int:
     """Run every case of `inputs` (files or folders) into `out`; returns how many failed.
 
@@ -476,8 +481,8 @@ def predict_cohort(
     for path in files:
         if path.name.lower().endswith((".nii", ".nii.gz")) and (problem := nifti_size_problem(path)):
             raise ValueError(f"{problem}; nothing was run.")
-    settings = Settings(weights, device, batch_size, degradation, mirror, allow_label_maps)
-    model = weights_identity(weights)
+    settings = Settings(weights, device, batch_size, degradation, mirror, allow_label_maps, task)
+    model = weights_identity(weights, task)
     check_writable(out)
     if single:
         produced_by = provenance(files[0], model, settings)

@@ -50,6 +50,15 @@ class PriorOutput:
     def degradation_probs(self) -> torch.Tensor:
         return self.degradation_logits.softmax(-1)
 
+    @property
+    def embedding(self) -> torch.Tensor:
+        """(B, E) unit visual embedding E_v(y) (the first prior token); pooled, the mean over the slices.
+
+        What the unknown-scan score measures (`ood.MahalanobisOOD`): unlike the class probabilities it is not
+        forced onto one of the training modalities.
+        """
+        return self.tokens[:, 0]
+
     def pooled(self) -> PriorOutput:
         """One prior for a whole volume: modality and degradation are properties of the scan, not a slice."""
         return PriorOutput(

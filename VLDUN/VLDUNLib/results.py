@@ -7,7 +7,7 @@ would freeze Slicer for seconds, so they live apart from `inference`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -29,14 +29,26 @@ class SegmentClass:
 @dataclass
 class Detection:
     modality: str
+    """What a person reads, e.g. "MRI · heart, cine" (`ModelInfo.modality_names`)."""
     modality_probability: float
     modality_probabilities: dict[str, float]
+    """Modality key -> probability."""
     degradation: str
+    """The detected degradation's name, or "no degradation detected" when a model with a "none" class finds none."""
     degradation_probability: float
     degradation_probabilities: dict[str, float]
     out_of_distribution: bool
-    """The modality prior's confidence is under the model's calibrated threshold: unlike the training data."""
+    """The scan is unlike the training data: its unknown-scan score is above the model's calibrated threshold."""
     segments: list[SegmentClass]
+    modality_key: str = ""
+    """The model's modality class, e.g. "ACDC/MRI", for machines."""
+    ood_score: Optional[float] = None
+    """Distance of the scan's embedding to the nearest training modality (`ood.MahalanobisOOD.score`); None
+    for models without statistics (they compare the modality probability with `ModelInfo.ood_threshold`)."""
+    task: Optional[str] = None
+    """The task whose classes `segments` lists ("heart", ...); None when the scan was not segmented."""
+    segmentation_note: str = ""
+    """Why the scan was not segmented and how to segment it anyway; empty when it was."""
 
     @property
     def segment_names(self) -> list[str]:

@@ -3,7 +3,8 @@
 A weights file is never unpickled, and nothing of it is used before its hash matches the config and
 the config has been checked (known preset, class names for every output channel, tensor shapes equal
 to the architecture's). The JSON also carries what inference needs besides tensors: the class names
-per dataset, the modality classes, the intensity normalisation and the out-of-distribution threshold.
+per dataset, the modality classes and their readable names, the segmentation tasks a user can choose and
+the unknown-scan statistics.
 
 Two hashes seal a model: `sha256` covers the .safetensors file, and `config_sha256` covers the JSON itself,
 as the SHA-256 of its canonical form (`canonical_json`: every key except the two hashes, keys sorted, no
@@ -27,6 +28,8 @@ from safetensors.torch import save_file
 
 from .config import PRESETS, VLDUNConfig
 from .network import build_model
+from .ood import MahalanobisOOD
+from .tasks import Task, default_modality_names, derive_tasks
 
 FORMAT = "vldun-weights/1"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
@@ -47,11 +50,22 @@ class ModelInfo:
     dataset_classes: dict[str, list[int]] = field(default_factory=dict)
     """Dataset short name -> the global class indices it labels."""
     ood_threshold: float = 0.5
-    """Modality confidence under which a scan is reported as unlike the training data."""
+    """Modality confidence under which a scan is reported as unlike the training data; used only by models
+    without `ood` statistics."""
     train_size: int | None = None
     """Longer side, in pixels, of the training slices; inference segments at this scale (None: native)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Provenance (data, command, metrics): copied into the model card, never interpreted."""
+    modality_names: dict[str, str] = field(default_factory=dict)
+    """Modality key -> what a person reads, e.g. "ACDC/MRI" -> "MRI · heart, cine"; empty: the defaults."""
+    tasks: dict[str, Task] = field(default_factory=dict)
+    """Task id -> its classes, e.g. "heart"; empty: derived from `dataset_classes`."""
+    ood: MahalanobisOOD | None = None
+    """Unknown-scan statistics of the prior's embedding (`vldun calibrate-ood`); None: `ood_threshold` is used."""
+
+    def __post_init__(self) -> None:
+        self.modality_names = {**default_modality_names(self.config.modalities), **self.modality_names}
+        self.tasks = self.tasks or derive_tasks(self.dataset_classes)
 
     def to_dict(self, sha256: str) -> dict[str, Any]:
         """The sealed JSON content: `sha256` of the tensors file, then `config_sha256` of the rest."""
@@ -63,6 +77,9 @@ class ModelInfo:
             "dataset_classes": self.dataset_classes,
             "ood_threshold": self.ood_threshold,
             "train_size": self.train_size,
+            "modality_names": self.modality_names,
+            "tasks": {k: t.to_dict() for k, t in self.tasks.items()},
+            "ood": self.ood.to_dict() if self.ood else None,
             "extra": self.extra,
         }
         meta["config_sha256"] = config_sha256(meta)
@@ -133,9 +150,7 @@ def save_weights(model: torch.nn.Module, info: ModelInfo, path: str | Path) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"format": FORMAT})
-    json_path = config_path_for(path)
-    _write_json(json_path, info.to_dict(sha256_of(path)))
-    return json_path
+    return rewrite_info(path, info)
 
 
 def _read_meta(json_path: Path) -> dict[str, Any]:
@@ -224,7 +239,18 @@ def _checked_info(meta: dict[str, Any], json_path: Path) -> ModelInfo:
         raise WeightsError(f"{json_path.name}: train_size must be a whole number of pixels >= 16 or null, "
                            f"got {train_size!r}.")
     ood = float(meta.get("ood_threshold", 0.5))
-    return ModelInfo(config, classes, dataset_classes, ood, train_size, meta.get("extra", {}))
+    try:
+        tasks = {k: Task.from_dict(v) for k, v in (meta.get("tasks") or {}).items()}
+        statistics = MahalanobisOOD.from_dict(meta["ood"]) if meta.get("ood") else None
+    except (KeyError, TypeError, ValueError) as error:
+        raise WeightsError(f"{json_path.name}: invalid tasks or ood statistics ({error}); re-export the model.") from error
+    bad = [i for t in tasks.values() for i in t.classes if not 0 < i < config.num_classes]
+    if bad:
+        raise WeightsError(f"{json_path.name}: task class indices {bad} are outside the head's classes.")
+    if statistics and set(statistics.means) - set(config.modalities):
+        raise WeightsError(f"{json_path.name}: ood statistics name modality classes the model does not have.")
+    return ModelInfo(config, classes, dataset_classes, ood, train_size, meta.get("extra", {}),
+                     dict(meta.get("modality_names") or {}), tasks, statistics)
 
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelInfo]:

@@ -110,7 +110,22 @@ def test_modality_classes_match_the_shipped_config(infos: list[DatasetInfo]) -> 
     classes = modality_classes(infos)
     assert tuple(m.key for m in classes) == DEFAULT_MODALITIES
     assert [m.imaging for m in classes] == ["MRI", "MRI", "MRI", "CT", "CT"]
-    assert classes[2].display == "brain MRI, FLAIR (BraTS2015)" and classes[0].display == "cardiac cine MRI (ACDC)"
+    assert classes[2].display == "MRI · brain, FLAIR" and classes[0].display == "MRI · heart, cine"
+
+
+def test_readable_modalities_come_from_dataset_json_and_match_the_shipped_defaults(infos: list[DatasetInfo]) -> None:
+    from vldun_lab.labels import modality_names
+    from VLDUNLib.tasks import DEFAULT_MODALITY_NAMES
+
+    assert modality_names(infos) == DEFAULT_MODALITY_NAMES
+    brats2018 = read_dataset(DATA / "Dataset007_BraTS2018", require_labels=False)
+    assert modality_names([brats2018]) == {"BraTS2018/FLAIR": "MRI · brain, FLAIR", "BraTS2018/T1": "MRI · brain, T1"}
+
+
+def test_the_label_space_gives_the_four_tasks(infos: list[DatasetInfo]) -> None:
+    tasks = label_space(infos).tasks()
+    assert {k: t.classes for k, t in tasks.items()} == {
+        "heart": (1, 2, 3), "brain_tumour": (4, 5, 6, 7), "lung_infection": (8,), "abdominal_organs": (9, 10, 11)}
 
 
 # ------------------------------------------------------------------------------------------------ label space

@@ -1,4 +1,4 @@
-"""The lab's commands of `vldun` (train, prepare, evaluate, benchmark, complexity), registered as a plugin.
+"""The lab's commands of `vldun` (train, prepare, evaluate, calibrate-ood, benchmark, complexity), registered as a plugin.
 
 `vldun` discovers this through the `vldun.plugins` entry point, so the product never imports the lab.
 """
@@ -61,6 +61,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_ood(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate_command
+
+    calibrate_command(args)
+    return 0
+
+
 def _benchmark(args: argparse.Namespace) -> int:
     from .benchmark import benchmark_command
 
@@ -104,6 +111,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mirror", action="store_true", help=MIRROR_HELP)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("calibrate-ood", help="fit the unknown-scan statistics of a model on its training datasets")
+    p.add_argument("--data", nargs="+", required=True, help="the model's training dataset folders")
+    p.add_argument("--weights", default=None, help="a .safetensors model (default: the shipped weights)")
+    p.add_argument("--quantile", type=float, default=0.95,
+                   help="share of validation scans (degraded and clean) under the threshold (default 0.95: about 5 %% flagged)")
+    p.add_argument("--margin", type=float, default=1.0, help="factor on that quantile's distance")
+    p.add_argument("--max-train-cases", type=int, default=None,
+                   help="at most this many training cases per dataset for the statistics (default: all)")
+    p.add_argument("--unseen", action="store_true",
+                   help="also report the share flagged of each set of unseen scans (vldun_lab.unseen)")
+    p.add_argument("--acceleration", type=float, default=4.0)
+    p.add_argument("--center-fraction", type=float, default=0.08)
+    p.add_argument("--spokes", type=int, default=60)
+    p.add_argument("--write", action="store_true", help="store the statistics in the weights' JSON (tensors unchanged)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_calibrate_ood)
 
     p = sub.add_parser("benchmark", help="speed and memory of each preset (and peers)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")

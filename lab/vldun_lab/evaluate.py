@@ -13,7 +13,8 @@ Every case of a folder is evaluated except exactly those the weights record as t
 (`extra.training_cases`, by folder name and case id; a slice range for a dataset split by slices), so an
 external cohort is evaluated whole; the report gives each dataset's excluded count and why. For a modality
 the model has no class for, modality accuracy is replaced by the share of cases flagged as unlike the
-training data. `cases.csv` lists every case with its own figures and what
+training data. `ood_fraction` is that share for every dataset: for a training dataset it is the false-alarm
+rate of the unknown-scan score (`VLDUNLib.ood`). `cases.csv` lists every case with its own figures and what
 the prior detected, to find the scans a mean hides; `degradation_confusion` in metrics.json (and the last
 table of table.md) says which degradations the prior takes for which.
 """
@@ -32,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from VLDUNLib.config import ABLATIONS
+from VLDUNLib.config import ABLATIONS, DEGRADATION_PROMPTS
 from VLDUNLib.degradations import (
     DEGRADATIONS,
     Degraded,
@@ -176,7 +177,8 @@ class Evaluator:
             prior = self.predictor.slice_prior(degraded.to(device))
             if prior is None:
                 return []
-            trials.append((DEGRADATIONS[label], DEGRADATIONS[int(prior.degradation_probs.argmax())]))
+            seen = self.model.config.degradations[int(prior.degradation_probs.argmax())]
+            trials.append((DEGRADATIONS[label], seen))
         return trials
 
     def evaluate(self, dataset: DatasetInfo, max_cases: int | None, montage_dir: Path | None) -> dict[str, Any]:
@@ -257,7 +259,7 @@ def summarise_case(result: dict[str, Any], class_names: dict[int, str]) -> dict[
         "input": result["input"],
         "model": dict(result.get("model", {})),
         "truth": result["truth"],
-        "modality_correct": det.modality == result["truth"],
+        "modality_correct": det.modality_key == result["truth"],
         "ood": det.out_of_distribution,
         "degradation_trials": result["degradation_trials"],
     }
@@ -274,8 +276,9 @@ def case_row(dataset: str, case_id: str, detection: Detection, summary: dict[str
     """A case's line of cases.csv: its PSNR/SSIM, foreground Dice (mean and per class) and the detection."""
     row: dict[str, Any] = {
         "dataset": dataset, "case": case_id, "truth": summary["truth"],
-        "detected_modality": detection.modality, "modality_probability": round(detection.modality_probability, 4),
-        "out_of_distribution": detection.out_of_distribution, "detected_degradation": detection.degradation,
+        "detected_modality": detection.modality_key, "modality_probability": round(detection.modality_probability, 4),
+        "out_of_distribution": detection.out_of_distribution, "ood_score": detection.ood_score,
+        "detected_degradation": detection.degradation,
     }
     for stage in ("input", "model"):
         row.update({f"{stage}_{k}": summary[stage].get(k) for k in ("psnr", "ssim")})
@@ -320,7 +323,8 @@ def confusion(trials: list[tuple[str, str]]) -> dict[str, dict[str, int]]:
     """{true degradation: {detected: count}}: which look-alikes the prior mixes up (blur and low resolution, say)."""
     counts = Counter(trials)
     table: dict[str, dict[str, int]] = {}
-    for truth, seen in sorted(counts, key=lambda pair: (DEGRADATIONS.index(pair[0]), DEGRADATIONS.index(pair[1]))):
+    order = {name: i for i, name in enumerate(DEGRADATION_PROMPTS)}
+    for truth, seen in sorted(counts, key=lambda pair: (order[pair[0]], order[pair[1]])):
         table.setdefault(truth, {})[seen] = counts[truth, seen]
     return table
 

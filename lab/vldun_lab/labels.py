@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from VLDUNLib.tasks import Task, derive_tasks
 
 from .datasets import BACKGROUND, DatasetInfo, Imaging
 
@@ -18,7 +19,7 @@ class ModalityClass:
     key: str
     """"<dataset short name>/<channel name>", e.g. "BraTS2015/FLAIR"."""
     display: str
-    """Human-readable, e.g. "brain MRI, FLAIR (BraTS2015)"."""
+    """What a person reads, e.g. "MRI · brain, FLAIR" (`readable_modality`)."""
     imaging: Imaging
 
 
@@ -28,20 +29,47 @@ def _check_unique(infos: Sequence[DatasetInfo]) -> None:
         raise ValueError(f"dataset short names must be unique, got {names}; rename one in its dataset.json")
 
 
-def _display(info: DatasetInfo, channel: str) -> str:
-    if re.search(rf"\b{re.escape(channel)}\b", info.modality, re.IGNORECASE):
-        return f"{info.modality} ({info.short_name})"
-    return f"{info.modality}, {channel} ({info.short_name})"
-
-
 def modality_classes(infos: Sequence[DatasetInfo]) -> list[ModalityClass]:
     """One class per dataset and channel (sequence), as the paper treats each dataset as a modality."""
     _check_unique(infos)
     return [
-        ModalityClass(f"{info.short_name}/{channel}", _display(info, channel), info.imaging)
+        ModalityClass(f"{info.short_name}/{channel}", readable_modality(info, channel), info.imaging)
         for info in infos
         for channel in info.channels.values()
     ]
+
+
+REGIONS: dict[str, str] = {
+    "cardiac": "heart", "heart": "heart", "brain": "brain", "head": "head", "lung": "chest", "chest": "chest",
+    "thorax": "chest", "thoracic": "chest", "abdominal": "abdomen", "abdomen": "abdomen", "pelvis": "pelvis",
+    "pelvic": "pelvis", "knee": "knee", "spine": "spine", "prostate": "prostate", "liver": "abdomen",
+}
+"""Words of a dataset.json "modality" text -> the body region a person reads."""
+
+
+def readable_modality(info: DatasetInfo, channel: str) -> str:
+    """"<imaging> · <region>, <sequence>" from a dataset.json, e.g. "MRI · heart, cine" or "CT · chest".
+
+    The region is the first word of the "modality" text that names one (`REGIONS`); the sequence is the
+    channel name unless it only repeats the imaging ("MRI", "CT"), else what the text adds besides imaging
+    and region ("cine" of "cardiac cine MRI").
+    """
+    words = re.findall(r"[A-Za-z0-9]+", info.modality)
+    region_words = [w for w in words if w.lower() in REGIONS]
+    region = REGIONS[region_words[0].lower()] if region_words else ""
+    if channel.upper() not in {info.imaging, "CT", "MRI", "MR", "CBCT"}:
+        sequence = channel
+    else:
+        skip = {info.imaging.lower(), "mri", "mr", "ct", "cbct", *(w.lower() for w in region_words)}
+        sequence = " ".join(w for w in words if w.lower() not in skip)
+    detail = ", ".join(part for part in (region, sequence) if part)
+    return f"{info.imaging} · {detail}" if detail else info.imaging
+
+
+def modality_names(infos: Sequence[DatasetInfo]) -> dict[str, str]:
+    """Modality key -> readable name (`readable_modality`), for the weights' JSON."""
+    return {f"{info.short_name}/{channel}": readable_modality(info, channel)
+            for info in infos for channel in info.channels.values()}
 
 
 @dataclass(frozen=True)
@@ -82,6 +110,10 @@ class LabelSpace:
         for local, index in enumerate([0, *self._classes(dataset)]):
             table[index] = local
         return _lookup(global_labels, table, f"classes outside {dataset}", "restrict the logits with class_mask first")
+
+    def tasks(self) -> dict[str, Task]:
+        """The segmentation tasks a user chooses from (`VLDUNLib.tasks`), from this label space's datasets."""
+        return derive_tasks(self.dataset_classes)
 
     def to_dict(self) -> dict[str, Any]:
         return {"keys": list(self.keys), "dataset_classes": {k: list(v) for k, v in self.dataset_classes.items()}}

@@ -524,6 +524,8 @@ class Trainer:
             dataset_classes={k: list(v) for k, v in self.labels.dataset_classes.items()},
             ood_threshold=self.calibrate_ood_threshold(),
             train_size=self.run.patch,
+            modality_names={m.key: m.display for m in self.modalities},
+            tasks=self.labels.tasks(),
             extra={
                 "run": asdict(self.run),
                 "datasets": list(self.slices.validation_cases),

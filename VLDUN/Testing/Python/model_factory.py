@@ -26,7 +26,8 @@ def tiny_config(**overrides: Any) -> VLDUNConfig:
 
 
 def tiny_predictor(ood_threshold: float = 0.0, **overrides: Any):
-    """A VolumePredictor around an untrained tiny model with ACDC's classes (fast, deterministic)."""
+    """A VolumePredictor around an untrained tiny model of ACDC alone (fast, deterministic): its one modality class
+    and its classes, so task "auto" segments the heart unless the scan is flagged unknown."""
     import torch
 
     from VLDUNLib.inference import VolumePredictor
@@ -34,6 +35,6 @@ def tiny_predictor(ood_threshold: float = 0.0, **overrides: Any):
     from VLDUNLib.weights import ModelInfo
 
     torch.manual_seed(0)
-    config = tiny_config(**overrides)
+    config = tiny_config(**{"modalities": ("ACDC/MRI",), **overrides})
     info = ModelInfo(config, ["background", "ACDC/RV", "ACDC/MYO", "ACDC/LV"], {"ACDC": [1, 2, 3]}, ood_threshold)
     return VolumePredictor(device="cpu", model=(build_model(config).eval(), info))

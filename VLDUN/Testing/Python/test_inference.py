@@ -314,3 +314,96 @@ def test_mirrored_scores_are_probabilities_and_mirror_with_the_input(volume, tra
     torch.testing.assert_close(scores.sum(1), torch.ones(2, 24, 20), atol=1e-5, rtol=0)
     if train_size is None:
         torch.testing.assert_close(flipped, scores.flip(-1), atol=1e-5, rtol=0)
+
+
+def identity_restoration(predictor):
+    """The predictor with its restoration residual zeroed: the network returns its input unchanged."""
+    torch.nn.init.zeros_(predictor.model.rec_head.refine[-1].weight)
+    torch.nn.init.zeros_(predictor.model.rec_head.refine[-1].bias)
+    return predictor
+
+
+def test_ct_keeps_air_metal_and_bone_outside_the_window():
+    rng = np.random.default_rng(1)
+    volume = (40.0 + 10.0 * rng.standard_normal((4, 32, 32))).astype(np.float32)
+    volume[:, :8] = -1024.0
+    volume[:, 12:14, 12:14] = 3000.0
+    volume[:, 20:22, 5:9] = 1500.0
+    assert fit_window(volume).kind == "ct_hu"
+    restored = tiny_predictor().predict(volume).restored
+    outside = (volume < -1000) | (volume > 1000)
+    np.testing.assert_array_equal(restored[outside], volume[outside])
+    assert restored.max() == 3000.0 and restored.min() == -1024.0
+
+
+def test_mri_keeps_its_maximum(volume):
+    mri = volume.astype(np.float32)
+    mri[2, 12, 10] = 9.31 * mri.max()
+    restored = tiny_predictor().predict(mri).restored
+    assert restored.max() == mri.max() and restored[2, 12, 10] == mri[2, 12, 10]
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_a_volume_the_network_leaves_unchanged_comes_back_bit_identical(volume, dtype):
+    source = volume.astype(dtype)
+    source[0, 0, 0] = 30000 if dtype == np.int16 else 1e6
+    restored = identity_restoration(tiny_predictor()).predict(source).restored
+    np.testing.assert_array_equal(restored, source.astype(np.float32))
+
+
+def with_ood_at(predictor, volume, distance: float):
+    """The predictor with statistics that put `volume`'s embedding at `distance` from the only class mean,
+    threshold 1."""
+    from VLDUNLib.ood import MahalanobisOOD
+
+    window = fit_window(volume)
+    embedding = predictor.slice_prior(predictor._slices(volume, window, prior_slice_indices(len(volume)))).embedding
+    mean = embedding[0].double().numpy().copy()
+    mean[0] += distance
+    predictor.info.ood = MahalanobisOOD({"ACDC/MRI": mean}, np.eye(len(mean)), 1.0)
+    return predictor
+
+
+def test_the_detection_is_readable_and_keeps_the_key_for_machines(volume):
+    detection = tiny_predictor().predict(volume).detection
+    assert detection.modality == "MRI · heart, cine" and detection.modality_key == "ACDC/MRI"
+    assert detection.task == "heart" and detection.segmentation_note == ""
+
+
+def test_the_unknown_scan_score_is_the_distance_to_the_training_modality(volume):
+    near = with_ood_at(tiny_predictor(), volume, 0.5).predict(volume).detection
+    far = with_ood_at(tiny_predictor(), volume, 3.0).predict(volume).detection
+    assert near.ood_score == pytest.approx(0.5, abs=1e-4) and not near.out_of_distribution
+    assert far.ood_score == pytest.approx(3.0, abs=1e-4) and far.out_of_distribution
+
+
+def test_auto_leaves_an_unknown_scan_unsegmented_and_says_how_to_force_a_task(volume):
+    prediction = with_ood_at(tiny_predictor(), volume, 3.0).predict(volume)
+    assert prediction.detection.segments == [] and prediction.detection.task is None
+    assert not prediction.labels.any() and prediction.restored.shape == volume.shape
+    assert "unlike the training data" in prediction.detection.segmentation_note
+    assert "--task heart" in prediction.detection.segmentation_note
+
+
+def test_a_named_task_segments_even_an_unknown_scan(volume):
+    predictor = with_ood_at(tiny_predictor(), volume, 3.0)
+    auto_free = tiny_predictor().predict(volume)
+    forced = predictor.predict(volume, task="heart")
+    assert forced.detection.out_of_distribution and forced.detection.task == "heart"
+    assert [s.key for s in forced.detection.segments] == ["ACDC/RV", "ACDC/MYO", "ACDC/LV"]
+    np.testing.assert_array_equal(forced.labels, auto_free.labels)
+
+
+def test_tasks_lists_the_choices_and_unknown_ones_are_refused(volume):
+    predictor = tiny_predictor()
+    assert predictor.tasks() == {"heart": "Heart: ventricles and myocardium"}
+    with pytest.raises(ValueError, match="Unknown task 'liver'.*heart"):
+        predictor.predict(volume, task="liver")
+
+
+def test_a_model_with_a_none_class_says_no_degradation_detected(volume):
+    predictor = tiny_predictor(degradations=("noise", "blur", "none"))
+    detection = predictor.predict(volume, degradation_override="none").detection
+    assert detection.degradation == "no degradation detected" and set(detection.degradation_probabilities) == {
+        "noise", "blur", "none"}
+    assert tiny_predictor(degradations=("noise", "none")).predict(volume, degradation_override="noise").detection.degradation == "noise"

@@ -150,3 +150,13 @@ def test_window_serialises_and_rejects_bad_values() -> None:
         IntensityWindow.from_dict({"kind": "ct_hu", "low": 0.0})
     with pytest.raises(ValueError, match="IntensityWindow"):
         normalize(np.zeros(3), (0.0, 1.0))  # type: ignore[arg-type]
+
+
+def test_restoration_adds_the_correction_inside_the_window_and_keeps_the_rest():
+    from VLDUNLib.intensity import IntensityWindow, restore_outside_window
+
+    window = IntensityWindow("ct_hu", -1000.0, 1000.0)
+    original = np.array([-1024.0, 0.0, 500.0, 3000.0], np.float32)
+    unit = to_unit_range(normalize(original, window))
+    restored = restore_outside_window(original, unit, unit + 0.01, window)
+    np.testing.assert_allclose(restored, [-1024.0, 20.0, 520.0, 3000.0], rtol=0, atol=1e-3)

@@ -53,7 +53,7 @@ def make_job(nodes: tuple[Any, Any, Any], factory: str | None = "slow", **option
     return jobs.VLDUNJob(*nodes, settings)
 
 
-def timed_polls(job: jobs.VLDUNJob, until: Any = None, limit_s: float = 120.0) -> list[tuple[str, float]]:
+def timed_polls(job: jobs.VLDUNJob, until: Any = None, limit_s: float = 600.0) -> list[tuple[str, float]]:
     """Poll as a QTimer would until the job finishes (or `until(job)`); the phase and duration of every poll."""
     polls, deadline = [], time.monotonic() + limit_s
     while time.monotonic() < deadline:

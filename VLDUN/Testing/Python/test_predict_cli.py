@@ -199,3 +199,22 @@ def test_inputs_are_checked_before_anything_runs(tmp_path):
     oblique_image(first, name="another.nii")
     (first / "notes.txt").write_text("not a volume")
     assert find_inputs([first]) == [first / "another.nii", first / "case.nrrd"]
+
+
+def test_task_reaches_the_predictor_and_is_written_with_the_note(tmp_path, weights):
+    path, _ = oblique_image(tmp_path)
+    out = tmp_path / "out"
+    assert main(["predict", str(path), "--out", str(out), "--weights", str(weights), "--device", "cpu",
+                 "--task", "heart"]) == 0
+    detection = json.loads((out / "detection.json").read_text())
+    assert detection["task"] == "heart" and detection["segmentation_note"] == ""
+    assert detection["modality"] == "MRI · heart, cine" and detection["modality_key"] == "ACDC/MRI"
+    assert main(["predict", str(path), "--out", str(tmp_path / "bad"), "--weights", str(weights), "--device", "cpu",
+                 "--task", "liver"]) == 2
+
+
+def test_summary_has_the_task_and_note_columns(tmp_path, weights):
+    folder, out = cohort(tmp_path), tmp_path / "out"
+    main(["predict", str(folder), "--out", str(out), "--weights", str(weights), "--device", "cpu"])
+    rows = summary(out)
+    assert rows["case_a"]["task"] == "heart" and "segmentation_note" in rows["case_a"]

@@ -96,3 +96,50 @@ def test_pickles_and_missing_configs_are_refused(saved, tmp_path):
     path.with_suffix(".json").unlink()
     with pytest.raises(WeightsError, match="missing"):
         load_model(path)
+
+
+def test_names_tasks_and_ood_statistics_survive_the_round_trip(tmp_path):
+    import numpy as np
+    from VLDUNLib.ood import MahalanobisOOD
+    from VLDUNLib.tasks import Task
+    from VLDUNLib.weights import rewrite_info
+
+    config = tiny_config(modalities=("A/MRI", "B/CT"))
+    ood = MahalanobisOOD({"A/MRI": np.zeros(16), "B/CT": np.ones(16)}, np.eye(16), 3.5)
+    info = ModelInfo(config, ["background", "A/x", "A/y", "B/z"], {"A": [1, 2], "B": [3]},
+                     modality_names={"A/MRI": "MRI · heart, cine"}, tasks={"heart": Task("Heart", ("A",), (1, 2))},
+                     ood=ood)
+    path = tmp_path / "model.safetensors"
+    save_weights(VLDUN(config).eval(), info, path)
+    _, loaded = load_model(path)
+    assert loaded.modality_names == {"A/MRI": "MRI · heart, cine", "B/CT": "B/CT"}
+    assert loaded.tasks == {"heart": Task("Heart", ("A",), (1, 2))}
+    assert loaded.ood.threshold == 3.5 and np.array_equal(loaded.ood.means["B/CT"], np.ones(16))
+    loaded.ood = MahalanobisOOD(ood.means, ood.precision, 4.0)
+    rewrite_info(path, loaded)
+    assert load_model(path)[1].ood.threshold == 4.0
+
+
+def test_a_config_without_names_or_tasks_gets_the_shipped_defaults(saved):
+    _, path = saved
+    _, info = load_model(path)
+    assert info.modality_names["ACDC/MRI"] == "MRI · heart, cine" and info.ood is None
+    assert {k: t.classes for k, t in info.tasks.items()} == {"A": (1, 2), "B": (3,)}
+
+
+def test_shipped_model_has_the_four_tasks_and_readable_modalities():
+    from VLDUNLib.weights import DEFAULT_WEIGHTS, read_model_info
+
+    _, info = read_model_info(DEFAULT_WEIGHTS)
+    assert list(info.tasks) == ["heart", "brain_tumour", "lung_infection", "abdominal_organs"]
+    assert info.tasks["brain_tumour"].classes == (4, 5, 6, 7)
+    assert info.modality_names["BraTS2015/FLAIR"] == "MRI · brain, FLAIR"
+
+
+def test_task_classes_outside_the_head_are_refused(saved):
+    _, path = saved
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["tasks"] = {"heart": {"label": "Heart", "datasets": ["A"], "classes": [1, 9]}}
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match="task class indices"):
+        load_model(path)
