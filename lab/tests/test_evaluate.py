@@ -178,3 +178,27 @@ def test_a_case_trained_on_in_part_contributes_its_other_slices():
 def test_the_report_says_how_many_cases_were_excluded_and_why(report):
     for entry in report[1]["datasets"].values():
         assert entry["excluded"] == {"cases": 0, "why": "trained on by these weights"}
+
+
+def test_the_report_measures_restoring_clean_slices(report):
+    _, result = report
+    clean = result["datasets"]["Dataset001_ACDC"]["clean_restored"]
+    assert set(clean) == {"psnr", "ssim"} and clean["psnr"] > 0
+
+
+def test_a_model_with_the_none_class_is_also_tried_on_clean_slices(tmp_path):
+    from VLDUNLib.config import NO_DEGRADATION
+    from VLDUNLib.degradations import DEGRADATIONS
+
+    predictor = tiny_predictor(degradations=(*DEGRADATIONS, NO_DEGRADATION))
+    result = write_report(predictor, [read_dataset(DATA / "Dataset001_ACDC")], Protocol(size=48), tmp_path,
+                          max_cases=1, weights_name="tiny")
+    table = result["datasets"]["Dataset001_ACDC"]["degradation_confusion"]
+    assert sum(table[NO_DEGRADATION].values()) == 1 and sum(sum(s.values()) for s in table.values()) == 6
+
+
+def test_a_dataset_labelled_with_whole_tumour_alone_averages_it():
+    from vldun_lab.evaluate import mean_classes
+
+    assert mean_classes({"whole_tumor": 0.6}) == ["whole_tumor"]
+    assert mean_classes({"edema": 0.5, "enhancing": 0.2, "whole_tumor": 0.6}) == ["edema", "enhancing"]

@@ -126,8 +126,8 @@ def interrupt_after(stage: str, step: int) -> Callable[..., None]:
     """`save_checkpoint` that saves, then stops training once the checkpoint of (stage, step) is on disk."""
     original = train.save_checkpoint
 
-    def save_then_stop(out: Path, model: Any, optimizer: Any, saved_stage: str, saved_step: int) -> None:
-        original(out, model, optimizer, saved_stage, saved_step)
+    def save_then_stop(out: Path, model: Any, optimizer: Any, saved_stage: str, saved_step: int, *record: Any) -> None:
+        original(out, model, optimizer, saved_stage, saved_step, *record)
         if (saved_stage, saved_step) == (stage, step):
             raise Interrupted
 
@@ -609,7 +609,7 @@ def test_psnr_loss_weighs_a_slice_by_its_relative_error() -> None:
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
-@pytest.mark.parametrize("config", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("config", sorted(RECIPES.rglob("*.yaml")), ids=lambda p: p.name)
 def test_the_committed_recipes_load(config: Path) -> None:
     """The model card's commands reproduce its weights only if every committed recipe still parses and reads
     the developer datasets beside the repository."""

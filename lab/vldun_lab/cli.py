@@ -34,7 +34,7 @@ def _complexity(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .train import train_from_file
 
-    train_from_file(Path(args.config), resume=args.resume)
+    train_from_file(Path(args.config), resume=args.resume, out=args.out, session_minutes=args.session_minutes)
     return 0
 
 
@@ -88,6 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train both stages from a YAML run config")
     p.add_argument("config")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--out", default=None, help="run folder instead of the config's `out:`")
+    p.add_argument("--session-minutes", type=float, default=None,
+                   help="checkpoint and stop after this many minutes; --resume continues exactly where it stopped")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("prepare", help="write a run's training and validation slices to one .vldun file")

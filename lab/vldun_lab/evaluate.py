@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from VLDUNLib.config import ABLATIONS, DEGRADATION_PROMPTS
+from VLDUNLib.config import ABLATIONS, DEGRADATION_PROMPTS, NO_DEGRADATION
 from VLDUNLib.degradations import (
     DEGRADATIONS,
     Degraded,
@@ -162,7 +162,19 @@ class Evaluator:
             result["labels"] = self.dataset_labels(torch.cat(logits), dataset.short_name)
             result["reference"] = reference
         result["degradation_trials"] = self.degradation_trials(clean[rep], dataset.imaging, seed)
+        result["clean_restored"] = self.clean_restoration(clean[rep])
         return result
+
+    def clean_restoration(self, clean: torch.Tensor) -> dict[str, float | None]:
+        """PSNR/SSIM of the model's restoration of the clean slices against themselves: restoring a scan that
+        needs none must not damage it (the "none" degradation's promise)."""
+        device = self.predictor.device
+        prior = self.predictor.scan_prior(clean.to(device))
+        restored, _ = self.predictor.forward_slices(clean.to(device), prior.expand(len(clean)) if prior else None)
+        if restored is None:
+            return {"psnr": None, "ssim": None}
+        nonempty = [i for i in range(len(clean)) if clean[i].max() > 0]
+        return slice_metrics(restored.clamp(0, 1).cpu(), clean, nonempty)
 
     def dataset_labels(self, logits: torch.Tensor, short_name: str) -> np.ndarray:
         """Argmax over background + the dataset's own classes, numbered as in its dataset.json."""
@@ -173,12 +185,15 @@ class Evaluator:
         """(true, detected) degradation names of the known-label trials; none for a model without a prior."""
         trials = []
         device = self.predictor.device
-        for label, degraded in primitive_trials(clean, imaging, self.protocol, seed):
+        names = self.model.config.degradations
+        cases = [(DEGRADATIONS[label], degraded) for label, degraded in primitive_trials(clean, imaging, self.protocol, seed)]
+        if NO_DEGRADATION in names:
+            cases.append((NO_DEGRADATION, clean))
+        for truth, degraded in cases:
             prior = self.predictor.slice_prior(degraded.to(device))
             if prior is None:
                 return []
-            seen = self.model.config.degradations[int(prior.degradation_probs.argmax())]
-            trials.append((DEGRADATIONS[label], seen))
+            trials.append((truth, names[int(prior.degradation_probs.argmax())]))
         return trials
 
     def evaluate(self, dataset: DatasetInfo, max_cases: int | None, montage_dir: Path | None) -> dict[str, Any]:
@@ -262,6 +277,7 @@ def summarise_case(result: dict[str, Any], class_names: dict[int, str]) -> dict[
         "modality_correct": det.modality_key == result["truth"],
         "ood": det.out_of_distribution,
         "degradation_trials": result["degradation_trials"],
+        "clean_restored": result.get("clean_restored", {}),
     }
     if "labels" in result:
         pred, ref = result["labels"], result["reference"]
@@ -283,7 +299,7 @@ def case_row(dataset: str, case_id: str, detection: Detection, summary: dict[str
     for stage in ("input", "model"):
         row.update({f"{stage}_{k}": summary[stage].get(k) for k in ("psnr", "ssim")})
     dice = summary.get("dice", {})
-    row["dice_mean"] = mean_defined(v for name, v in dice.items() if name != "whole_tumor")
+    row["dice_mean"] = mean_defined(dice[name] for name in mean_classes(dice))
     row.update({f"dice_{name}": v for name, v in dice.items()})
     return row
 
@@ -298,6 +314,13 @@ def write_case_table(path: Path, rows: list[dict[str, Any]]) -> None:
             writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
 
 
+def mean_classes(dice: dict[str, Any]) -> list[str]:
+    """The classes a case's mean Dice averages: its own classes, not the derived whole tumour, unless that is the
+    only one (a dataset labelled with whole tumour alone, BraTS 2018)."""
+    names = [name for name in dice if name != "whole_tumor"]
+    return names or list(dice)
+
+
 def aggregate(rows: list[dict[str, Any]], cases: int, modalities: tuple[str, ...], has_prior: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "cases": cases,
@@ -305,11 +328,12 @@ def aggregate(rows: list[dict[str, Any]], cases: int, modalities: tuple[str, ...
         "model": {k: mean_defined([r["model"].get(k) for r in rows]) for k in ("psnr", "ssim")},
     }
     if any("dice" in r for r in rows):
-        names = [n for n in rows[0]["dice"] if n != "whole_tumor"]
+        names = mean_classes(rows[0]["dice"])
         out["model"]["dice"] = {n: mean_defined([r["dice"][n] for r in rows]) for n in rows[0]["dice"]}
         out["model"]["iou"] = {n: mean_defined([r["iou"][n] for r in rows]) for n in names}
         out["model"]["dice_mean"] = mean_defined([out["model"]["dice"][n] for n in names])
         out["model"]["iou_mean"] = mean_defined([out["model"]["iou"][n] for n in names])
+    out["clean_restored"] = {k: mean_defined([r["clean_restored"].get(k) for r in rows]) for k in ("psnr", "ssim")}
     known = has_prior and all(r["truth"] in modalities for r in rows)
     out["modality_accuracy"] = mean_defined([float(r["modality_correct"]) for r in rows]) if known else None
     out["ood_fraction"] = mean_defined([float(r["ood"]) for r in rows]) if has_prior else None
@@ -390,10 +414,11 @@ def degradation_table(report: dict[str, Any]) -> str:
     entries = {n: e["degradation_confusion"] for n, e in report["datasets"].items() if e.get("degradation_confusion")}
     if not entries:
         return ""
+    kinds = [*DEGRADATIONS, *([NO_DEGRADATION] if any(NO_DEGRADATION in t for t in entries.values()) else [])]
     lines = ["", "Degradation prior, right / trials (most frequent wrong detection):", "",
-             "| Dataset | " + " | ".join(DEGRADATIONS) + " |", "|---|" + "---|" * len(DEGRADATIONS)]
+             "| Dataset | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for name, table in entries.items():
-        lines.append(f"| {name} | " + " | ".join(confusion_cell(table.get(d, {}), d) for d in DEGRADATIONS) + " |")
+        lines.append(f"| {name} | " + " | ".join(confusion_cell(table.get(d, {}), d) for d in kinds) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -421,11 +446,10 @@ ABLATION_RUNS = Path("runs") / "ablations"
 
 
 def ablation_weights(name: str) -> Path:
-    """The weights of a Table 3 ablation, which the lab trains (they do not ship); a clear error if absent."""
+    """The weights of a Table 3 row, which the lab trains at one budget (`recipes/ablations/`; they do not ship), the
+    full model's row included; a clear error if absent."""
     if name not in ABLATIONS:
         raise ValueError(f"Unknown ablation {name!r}; choose one of {sorted(ABLATIONS)}.")
-    if name == "full":
-        return DEFAULT_WEIGHTS
     path = ABLATION_RUNS / name / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"No weights for ablation {name!r} at {path}; train them first "

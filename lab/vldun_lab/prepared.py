@@ -30,7 +30,7 @@ from .slices import SliceDataset
 from .splits import split_cases
 
 SUFFIX = ".vldun"
-FORMAT, VERSION = "vldun-prepared-slices", 1
+FORMAT, VERSION = "vldun-prepared-slices", 2
 _FIELDS = ("images", "labels", "sample_dataset", "sample_modality")
 
 
@@ -44,6 +44,8 @@ class TrainingSlices:
     train: SliceDataset
     validation: dict[str, SliceDataset]
     validation_cases: dict[str, list[str]]
+    training_cases: dict[str, list[str]]
+    """The cases the training slices come from, per dataset folder: what the exported model never evaluates on."""
     patch: int
     val_fraction: float
     seed: int
@@ -69,6 +71,7 @@ def from_folders(data: list[str], patch: int, val_fraction: float, seed: int, na
             info.name: SliceDataset([info], splits[info.name][1], modalities, labels, patch=patch) for info in infos
         },
         validation_cases={name: [describe_case(c) for c in val] for name, (_, val) in splits.items()},
+        training_cases={name: [describe_case(c) for c in train] for name, (train, _) in splits.items()},
         patch=patch,
         val_fraction=val_fraction,
         seed=seed,
@@ -98,6 +101,7 @@ def save(slices: TrainingSlices, path: str | Path) -> Path:
         "modalities": [asdict(m) for m in slices.modalities],
         "labels": slices.labels.to_dict(),
         "validation_cases": slices.validation_cases,
+        "training_cases": slices.training_cases,
         "images": "uint8 round(255 x) of the [0, 1] training slices",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +145,7 @@ def load(path: str | Path) -> TrainingSlices:
         train=dataset("train", augment=True),
         validation={name: dataset(f"validation/{name}", augment=False) for name in meta["validation_cases"]},
         validation_cases={k: list(v) for k, v in meta["validation_cases"].items()},
+        training_cases={k: list(v) for k, v in meta["training_cases"].items()},
         patch=meta["patch"],
         val_fraction=meta["val_fraction"],
         seed=meta["seed"],

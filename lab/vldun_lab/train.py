@@ -27,9 +27,12 @@ import hashlib
 import json
 import math
 import os
+import platform
+import subprocess
 import time
+from collections.abc import Sequence
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -43,12 +46,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 from VLDUNLib.config import make_config
-from VLDUNLib.degradations import random_degradation
+from VLDUNLib.config import NO_DEGRADATION
+from VLDUNLib.degradations import DEGRADATIONS, Degraded, random_degradation
 from VLDUNLib.letterbox import resize_images
 from VLDUNLib.network import build_model
 from VLDUNLib.priors import focal_loss, image_text_loss
 from VLDUNLib.ssm import missing_cuda_scan
-from VLDUNLib.weights import ModelInfo, read_model_info, save_weights
+from VLDUNLib.weights import ModelInfo, read_model_info, rewrite_info, save_weights
 
 from . import prepared
 from .augmentation import Augmentation
@@ -110,6 +114,9 @@ class RunConfig:
     every dataset equally often, whatever its size."""
     primitive_fraction: float = 0.25
     """Share of stage-2 batches degraded by a primitive (noise, blur, ...) instead of the undersampling protocol."""
+    clean_fraction: float = 0.0
+    """Share of training samples left undegraded. Stage 1 labels them "none" (the model's `degradations` must list
+    it), so a clean scan is reported as "no degradation detected"; stage 2 learns to leave them unchanged."""
     prior_balanced: bool = False
     """Stage 1 draws each of a modality's five degradations equally often (`random_degradation(balanced=True)`);
     false: the protocol half the time, as runs before stop 23 were trained."""
@@ -145,6 +152,12 @@ class RunConfig:
     prior, so that a GPU run spends its minutes on the network)."""
     amp: bool = True
     """bf16 autocast on CUDA (ignored on the CPU, where bf16 is slower here)."""
+    gpu: dict[str, Any] = field(default_factory=dict)
+    """Settings laid over the others when the run trains on CUDA (larger batches): one recipe for both machines.
+    A checkpoint records which settings it was trained with, and a resume on the other kind of machine is refused."""
+    calibrate_ood: bool = False
+    """After export, fit the unknown-scan statistics on the training datasets (`calibrate.calibrate`, the default
+    protocol) and write them into the model's JSON, as `vldun calibrate-ood --write` does. Needs the dataset folders."""
 
     @property
     def split(self) -> int:
@@ -159,7 +172,7 @@ class RunConfig:
         Augmentation.from_config(self.augment)
         if self.init_modules is not None and not self.init_weights:
             raise ValueError("init_modules names parts of init_weights; add `init_weights:` (a VLDUN .safetensors).")
-        for name in ("prior_native_fraction", "joint_native_fraction"):
+        for name in ("prior_native_fraction", "joint_native_fraction", "clean_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a share of the batch, 0 to 1; got {getattr(self, name)}")
         if self.rec_loss not in REC_LOSSES:
@@ -208,12 +221,23 @@ def merge_settings(base: dict[str, Any], override: dict[str, Any]) -> dict[str, 
     return merged
 
 
-def load_run_config(path: Path) -> RunConfig:
-    """A run config from YAML (or TOML), with its `base:` chain; relative paths are relative to the file naming them."""
+def load_run_config(path: Path, out: str | Path | None = None, cuda: bool | None = None) -> RunConfig:
+    """A run config from YAML (or TOML), with its `base:` chain; relative paths are relative to the file naming them.
+
+    `out` replaces the file's run folder (a run of the recipe elsewhere); on CUDA (`cuda`, default: whether torch
+    sees a GPU) the file's `gpu:` settings are laid over the rest."""
     raw = read_run_settings(path)
+    if out is not None:
+        raw["out"] = str(Path(out).resolve())
     if "data" not in raw or "out" not in raw:
         raise ValueError(f"{path}: a run config needs at least `data:` (dataset folders or a prepared .vldun file) "
                          "and `out:` (run folder).")
+    gpu = raw.get("gpu") or {}
+    if not isinstance(gpu, dict) or {"data", "out", "gpu"} & set(gpu):
+        raise ValueError(f"{path}: `gpu:` is a mapping of settings for a CUDA run (e.g. joint: {{batch_size: 64}}), "
+                         "not data, out or gpu")
+    if gpu and (torch.cuda.is_available() if cuda is None else cuda):
+        raw = merge_settings(raw, gpu)
     try:
         return RunConfig(**raw)
     except (TypeError, ValueError) as error:
@@ -263,6 +287,21 @@ def learning_rate(stage: StageConfig, step: int, time_fraction: float = 0.0) -> 
     return stage.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+CLEAN = len(DEGRADATIONS)
+"""Label of a sample left undegraded (`clean_fraction`); `Trainer.degradation_labels` maps it to "none"."""
+
+
+def degrade_or_keep(
+    x: torch.Tensor, kind: str, generator: torch.Generator, primitives: bool, balanced: bool, clean_fraction: float
+) -> Degraded:
+    """`random_degradation`, or with probability `clean_fraction` the input itself labelled `CLEAN`.
+
+    Nothing is drawn for the choice when `clean_fraction` is 0, so runs without clean samples draw as before."""
+    if clean_fraction > 0 and torch.rand((), generator=generator).item() < clean_fraction:
+        return Degraded(x.clone(), CLEAN)
+    return random_degradation(x, kind, generator, primitives=primitives, balanced=balanced)
+
+
 def degrade_batch(
     clean: torch.Tensor,
     imaging: list[str],
@@ -270,8 +309,10 @@ def degrade_batch(
     primitives: bool,
     chunk: int = 4,
     balanced: bool = False,
+    clean_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Degrade a batch in small chunks of one imaging type each, so one batch mixes several degradations.
+    """Degrade a batch in small chunks of one imaging type each, so one batch mixes several degradations; a chunk
+    stays clean with probability `clean_fraction` (label `CLEAN`).
 
     Runs on the batch's device (the training GPU: a 128-slice batch takes 100-180 ms on 2 CPU threads, longer
     than the H100's whole training step); the draws come from the CPU generator, so a GPU run degrades as a
@@ -283,7 +324,7 @@ def degrade_batch(
         idx = [i for i, k in enumerate(imaging) if k == kind]
         for start in range(0, len(idx), chunk):
             part = idx[start : start + chunk]
-            out = random_degradation(clean[part], kind, generator, primitives=primitives, balanced=balanced)
+            out = degrade_or_keep(clean[part], kind, generator, primitives, balanced, clean_fraction)
             degraded[part] = out.image
             labels[part] = out.label
     return degraded, labels
@@ -301,6 +342,7 @@ class NativeTiles(NamedTuple):
 def native_tiles(
     dataset: SliceDataset, count: int, size: int, imaging: list[str], generator: torch.Generator,
     primitives: bool = True, balanced: bool = False, weights: Mapping[str, float] | None = None,
+    clean_fraction: float = 0.0,
 ) -> NativeTiles:
     """``count`` inputs (N, 1, size, size) as a scan at its own size gives them, their clean tiles, degradation labels
     and modality classes: a training slice larger than ``size`` degraded whole at its own size
@@ -316,7 +358,7 @@ def native_tiles(
     for index in indices:
         kind = imaging[int(dataset.sample_modality[index])]
         own = dataset.native_slice(index)
-        out = random_degradation(own, kind, generator, primitives=primitives, balanced=balanced)
+        out = degrade_or_keep(own, kind, generator, primitives, balanced, clean_fraction)
         height, width = own.shape[-2:]
         top = int(torch.randint(0, max(1, height - size + 1), (), generator=generator))
         left = int(torch.randint(0, max(1, width - size + 1), (), generator=generator))
@@ -341,12 +383,90 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_mask: to
     return ce + (1 - dice)[fg].mean()
 
 
+def degradation_table(names: Sequence[str], clean_fraction: float) -> torch.Tensor:
+    """The model's degradation index of each training label: `DEGRADATIONS` in order, then `CLEAN` ("none")."""
+    missing = [d for d in DEGRADATIONS if d not in names]
+    if missing:
+        raise ValueError(f"model.degradations lacks {missing}: training draws every one of {list(DEGRADATIONS)}")
+    if clean_fraction > 0 and NO_DEGRADATION not in names:
+        raise ValueError(f"clean_fraction {clean_fraction} needs {NO_DEGRADATION!r} in model.degradations, the class "
+                         "that clean slices are taught as; add it, or set clean_fraction: 0")
+    none = names.index(NO_DEGRADATION) if NO_DEGRADATION in names else -1
+    return torch.tensor([names.index(d) for d in DEGRADATIONS] + [none])
+
+
+RESUME_FREE = ("out", "threads", "checkpoint_every")
+"""Settings a resumed run may change: they move no weight."""
+
+
+def resume_identity(run: RunConfig) -> dict[str, Any]:
+    """The settings a checkpoint must have been trained with to be continued: all but `RESUME_FREE`, with data
+    and start weights by name, so the same run resumes on another machine with other paths."""
+    settings = {k: v for k, v in asdict(run).items() if k not in RESUME_FREE}
+    settings["data"] = [Path(d).name for d in run.data]
+    settings["init_weights"] = Path(run.init_weights).name if run.init_weights else None
+    return json.loads(json.dumps(settings))
+
+
+def check_resumable(state: Mapping[str, Any], run: RunConfig, out: Path) -> None:
+    """Refuse to continue a checkpoint that other settings (another recipe, a GPU block, a changed file) trained."""
+    recorded = state.get("run")
+    if recorded is None:
+        return
+    now = resume_identity(run)
+    defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(RunConfig)}
+    defaults = json.loads(json.dumps({k: v for k, v in defaults.items() if v is not MISSING}, default=asdict))
+    # a setting added to RunConfig after the checkpoint was written counts as unchanged while it has its default
+    changed = sorted(k for k in set(recorded) | set(now)
+                     if recorded.get(k, defaults.get(k)) != now.get(k, defaults.get(k)))
+    if changed:
+        raise ValueError(f"{out} holds a checkpoint trained with other settings: {', '.join(changed)} changed (a "
+                         "`gpu:` block applies on CUDA only). Resume it with the config and machine kind it started with "
+                         "(its run.json), or start the new settings in another --out")
+
+
+def machine() -> str:
+    """The hardware a part of the run trained on, as the model card names it."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA)"
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} thread(s) of {os.cpu_count()} CPUs"
+
+
+def code_version() -> str:
+    """The commit of the training code, "+changes" when its work tree differs; "unknown" outside git."""
+    folder = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+        return git("rev-parse", "--short=12", "HEAD") + ("+changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class SessionOver(Exception):
+    """The session's minutes are spent; the checkpoint just written continues the run (`--resume`)."""
+
+
 class Trainer:
     """Runs both stages with checkpoints, a progress bar and a CSV log; exports safetensors at the end."""
 
-    def __init__(self, run: RunConfig) -> None:
+    def __init__(self, run: RunConfig, session_minutes: float | None = None, recipe: str = "") -> None:
         self.run = run
+        self.recipe = recipe
         self.out = Path(run.out)
+        self.deadline = time.monotonic() + 60 * session_minutes if session_minutes else None
+        self.sessions: list[dict[str, Any]] = []
         self.rank, self.world = init_distributed()
         self.device = torch.device(f"cuda:{self.rank % max(1, torch.cuda.device_count())}" if torch.cuda.is_available() else "cpu")
         if run.threads:
@@ -370,6 +490,8 @@ class Trainer:
         )
         self.model = build_model(self.config, clip_weights=run.clip_weights).to(self.device)
         self.imaging = [m.imaging for m in self.modalities]
+        if self.model.prior is not None:
+            self.degradation_labels = degradation_table(self.config.degradations, run.clean_fraction)
 
     def native_count(self, stage: str) -> int:
         """Samples per batch of a stage taken as `native_tiles`."""
@@ -418,14 +540,17 @@ class Trainer:
     def prior_step(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         imaging = [self.imaging[m] for m in batch["modality"].tolist()]
         degraded, deg_labels = degrade_batch(
-            batch["clean"].to(self.device), imaging, generator, primitives=True, balanced=self.run.prior_balanced
+            batch["clean"].to(self.device), imaging, generator, primitives=True, balanced=self.run.prior_balanced,
+            clean_fraction=self.run.clean_fraction,
         )
         modality = batch["modality"]
         if count := self.native_count("prior"):
             tiles = native_tiles(self.train_set, count, self.run.patch, self.imaging, generator,
-                                 balanced=self.run.prior_balanced, weights=self.run.dataset_weights)
+                                 balanced=self.run.prior_balanced, weights=self.run.dataset_weights,
+                                 clean_fraction=self.run.clean_fraction)
             degraded = torch.cat([degraded, tiles.degraded.to(self.device)])
             deg_labels, modality = torch.cat([deg_labels, tiles.labels]), torch.cat([modality, tiles.modality])
+        deg_labels = self.degradation_labels[deg_labels]
         out = self.net(degraded)
         mod = focal_loss(out.modality_logits, modality.to(self.device), self.run.focal_alpha, self.run.focal_gamma)
         deg = image_text_loss(out.degradation_logits, deg_labels.to(self.device))
@@ -435,11 +560,12 @@ class Trainer:
         imaging = [self.imaging[m] for m in batch["modality"].tolist()]
         primitives = torch.rand((), generator=generator).item() < self.run.primitive_fraction
         clean = batch["clean"].to(self.device)
-        degraded, _ = degrade_batch(clean, imaging, generator, primitives=primitives)
+        degraded, _ = degrade_batch(clean, imaging, generator, primitives=primitives,
+                                    clean_fraction=self.run.clean_fraction)
         labelled = len(clean)
         if count := self.native_count("joint"):
             tiles = native_tiles(self.train_set, count, self.run.patch, self.imaging, generator, primitives,
-                                 weights=self.run.dataset_weights)
+                                 weights=self.run.dataset_weights, clean_fraction=self.run.clean_fraction)
             degraded = torch.cat([degraded, tiles.degraded.to(self.device)])
             clean = torch.cat([clean, tiles.clean.to(self.device)])
         with torch.no_grad():
@@ -456,21 +582,47 @@ class Trainer:
         losses["loss"] = sum(losses.values())
         return losses
 
-    def fit(self, resume: bool) -> Path:
+    def fit(self, resume: bool) -> Path | None:
+        """Train (or continue) both stages and export; None when the session's minutes ran out first."""
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "run.json").write_text(json.dumps(asdict(self.run), indent=2) + "\n")
         if resume:
             state = load_checkpoint(self.out, self.model)
+            check_resumable(state, self.run, self.out)
+            self.sessions = list(state.get("sessions", []))
         else:
+            if (self.out / "checkpoint.json").exists():
+                raise ValueError(f"{self.out} already holds a checkpoint: continue it with --resume, or give another "
+                                 "--out (a fresh start would overwrite it)")
             self.start_from_init_weights()
             state = {"stage": None, "step": 0}
-        for stage in self.stages():
-            done = state["stage"] is not None and self.stages().index(stage) < self.stages().index(state["stage"])
-            if done:
-                continue
-            first = state["step"] if state["stage"] == stage else 0
-            self.run_stage(stage, first, state if state["stage"] == stage else None)
+        (self.out / "run.json").write_text(json.dumps(asdict(self.run), indent=2) + "\n")
+        self.begin_session(state["stage"] or self.stages()[0], state["step"])
+        try:
+            for stage in self.stages():
+                done = state["stage"] is not None and self.stages().index(stage) < self.stages().index(state["stage"])
+                if done:
+                    continue
+                first = state["step"] if state["stage"] == stage else 0
+                self.run_stage(stage, first, state if state["stage"] == stage else None)
+        except SessionOver as pause:
+            print(f"Paused at {pause}: the session's minutes are spent. Continue with `vldun train CONFIG --resume` "
+                  f"(checkpoint in {self.out}).")
+            return None
         return self.export()
+
+    def begin_session(self, stage: str, step: int) -> None:
+        """Start this process's entry of the run's sessions: where it began, on what machine, with which code."""
+        self.sessions.append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
+                              "code": code_version(), "from": [stage, step], "seconds": 0.0})
+        self.session_start = time.monotonic()
+
+    def checkpoint(self, optimizer: torch.optim.Optimizer, stage: str, step: int) -> None:
+        """Save the checkpoint with what trained it: the run's settings and each session's machine, code and time."""
+        if not self.sessions:  # a stage run on its own, outside fit
+            self.begin_session(stage, 0)
+        self.sessions[-1].update(to=[stage, step], seconds=round(time.monotonic() - self.session_start, 1))
+        save_checkpoint(self.out, self.model, optimizer, stage, step,
+                        {"run": resume_identity(self.run), "sessions": self.sessions})
 
     def start_from_init_weights(self) -> None:
         """Fine-tuning start; a resumed run skips it (its checkpoint has every tensor), so the file may be gone."""
@@ -511,10 +663,13 @@ class Trainer:
             log.write(stage, step, optimizer.param_groups[0]["lr"], values)
             last = step + 1 == cfg.steps
             over_time = limit is not None and time.monotonic() - stage_start > limit
-            if self.rank == 0 and ((step + 1) % self.run.checkpoint_every == 0 or last or over_time):
-                save_checkpoint(self.out, self.model, optimizer, stage, step + 1)
+            paused = self.deadline is not None and time.monotonic() > self.deadline and not (last or over_time)
+            if self.rank == 0 and ((step + 1) % self.run.checkpoint_every == 0 or last or over_time or paused):
+                self.checkpoint(optimizer, stage, step + 1)
             if over_time:
                 break
+            if paused:
+                raise SessionOver(f"stage {stage}, step {step + 1} of {cfg.steps}")
         self.model.eval()
 
     def export(self) -> Path:
@@ -530,6 +685,9 @@ class Trainer:
                 "run": asdict(self.run),
                 "datasets": list(self.slices.validation_cases),
                 "validation_cases": self.slices.validation_cases,
+                "training_cases": self.slices.training_cases,
+                "recipe": self.recipe,
+                "sessions": self.sessions,
             },
         )
         path = self.out / "model.safetensors"
@@ -591,8 +749,10 @@ class CsvLog:
             writer.writerow([stage, step, f"{lr:.3g}", f"{time.monotonic() - self.started:.1f}", *row])
 
 
-def save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, stage: str, step: int) -> None:
-    """Model + optimizer tensors as safetensors, the rest as JSON; written atomically (rename)."""
+def save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, stage: str, step: int,
+                    record: Mapping[str, Any] | None = None) -> None:
+    """Model + optimizer tensors as safetensors, the rest (and `record`: what trained it) as JSON; each written
+    atomically (rename), the JSON last, so its step never names tensors that are not on disk."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     for index, values in opt["state"].items():
@@ -600,7 +760,7 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimize
             tensors[f"optim.{index}.{name}"] = torch.as_tensor(value).contiguous().cpu()
     tmp = out / "checkpoint.tmp.safetensors"
     save_file(tensors, str(tmp))
-    meta = {"stage": stage, "step": step, "param_groups": opt["param_groups"]}
+    meta = {"stage": stage, "step": step, "param_groups": opt["param_groups"], **(record or {})}
     (out / "checkpoint.tmp.json").write_text(json.dumps(meta))
     tmp.replace(out / "checkpoint.safetensors")
     (out / "checkpoint.tmp.json").replace(out / "checkpoint.json")
@@ -626,8 +786,40 @@ def load_optimizer(out: Path, optimizer: torch.optim.Optimizer) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def train_from_file(path: Path, resume: bool = False) -> Path:
-    run = load_run_config(path)
-    weights = Trainer(run).fit(resume)
+def train_from_file(path: Path, resume: bool = False, out: str | Path | None = None,
+                    session_minutes: float | None = None) -> Path | None:
+    """`vldun train`: the run of a config file; None when `session_minutes` ended it early (continue with resume)."""
+    run = load_run_config(path, out)
+    weights = Trainer(run, session_minutes, recipe_name(path)).fit(resume)
+    if weights is None:
+        return None
+    if run.calibrate_ood:
+        calibrate_exported(weights, run.data)
     print(f"Model written to {weights} (+ {weights.with_suffix('.json').name})")
     return weights
+
+
+def recipe_name(path: Path) -> str:
+    """The config's path inside the repository (as the model card cites it), else its file name."""
+    path = Path(path).resolve()
+    root = Path(__file__).resolve().parents[2]
+    return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+
+
+def calibrate_exported(weights: Path, data: list[str]) -> None:
+    """Fit the unknown-scan statistics of the exported model on its training datasets and seal them into its JSON
+    (`vldun calibrate-ood --write` with the default protocol)."""
+    from VLDUNLib.inference import VolumePredictor
+
+    from .calibrate import calibrate, false_alarms
+    from .datasets import read_datasets
+    from .evaluate import Protocol
+
+    if any(d.endswith(prepared.SUFFIX) for d in data):
+        raise ValueError("calibrate_ood reads the dataset folders; list them as `data:` instead of a prepared file")
+    predictor = VolumePredictor(weights, device="cuda" if torch.cuda.is_available() else "cpu")
+    ood, validation = calibrate(predictor, read_datasets(data), Protocol(size=0))
+    predictor.info.ood = ood
+    rewrite_info(weights, predictor.info)
+    rates = ", ".join(f"{group} {entry['flagged']:.0%}" for group, entry in false_alarms(ood, validation).items())
+    print(f"Unknown-scan threshold {ood.threshold:.3f}; validation scans flagged: {rates}")

@@ -1,0 +1,93 @@
+"""The shipped model's recipe, end to end at smoke size: `recipes/vldun_compact_smoke.yaml` is the recipe itself at a
+few steps, run here on five small stand-ins for its datasets (same folder names, imaging, classes and channels)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import yaml
+from safetensors.torch import load_file
+from vldun_lab.train import load_run_config, train_from_file
+from VLDUNLib.config import NO_DEGRADATION
+from VLDUNLib.inference import VolumePredictor
+from VLDUNLib.weights import read_model_info
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+STAND_INS = {
+    "Dataset001_ACDC": ("MRI", "cardiac cine MRI", ["MRI"], ["RV", "MYO", "LV"]),
+    "Dataset002_BraTS2015": ("MRI", "brain MRI", ["T1c", "FLAIR"], ["necrosis", "edema", "non_enhancing", "enhancing"]),
+    "Dataset003_COVID19CT": ("CT", "lung CT", ["CT"], ["infection"]),
+    "Dataset004_AbdomenCT": ("CT", "abdominal CT", ["CT"], ["liver", "spleen", "kidney_right", "kidney_left"]),
+    "Dataset007_BraTS2018": ("MRI", "brain MRI", ["FLAIR", "T1"], ["whole_tumor"]),
+}
+
+
+def stand_in(root: Path, imaging: str, modality: str, channels: list[str], labels: list[str], seed: int) -> Path:
+    """Five 48x48x4 cases: a disc per class, each channel its own contrast, intensities as the scanner gives them."""
+    rng = np.random.default_rng(seed)
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+    yy, xx = np.mgrid[:48, :48]
+    for index in range(5):
+        label = np.zeros((4, 48, 48), np.uint8)
+        for value in range(1, len(labels) + 1):
+            cy, cx = rng.integers(10, 38, 2)
+            label[:, (yy - cy) ** 2 + (xx - cx) ** 2 < 30] = value
+        case = f"{root.name.split('_')[1].lower()}_{index:03d}"
+        for channel in range(len(channels)):
+            base, scale = (-900.0, 1200.0) if imaging == "CT" else (20.0, 300.0 * (channel + 1))
+            image = base + scale * (label / len(labels) + 0.2 * rng.random(label.shape))
+            sitk.WriteImage(sitk.GetImageFromArray(image.astype(np.float32)),
+                            str(root / "imagesTr" / f"{case}_{channel:04d}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(label), str(root / "labelsTr" / f"{case}.nii.gz"))
+    meta = {"name": root.name.split("_", 1)[1], "modality": modality,
+            "channel_names": dict(enumerate(channels)), "labels": {"background": 0} | {n: i + 1 for i, n in enumerate(labels)},
+            "numTraining": 5, "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke recipe on the stand-ins: one session cut after its first step, then resumed to the end."""
+    root = tmp_path_factory.mktemp("smoke")
+    data = [stand_in(root / "data" / name, *spec, seed=i) for i, (name, spec) in enumerate(STAND_INS.items())]
+    config = root / "recipe.yaml"
+    config.write_text(yaml.safe_dump({"base": str(RECIPES / "vldun_compact_smoke.yaml"),
+                                      "data": [str(d) for d in data], "out": str(root / "run")}))
+    assert train_from_file(config, session_minutes=1e-9) is None
+    assert json.loads((root / "run" / "checkpoint.json").read_text())["step"] == 1
+    weights = train_from_file(config, resume=True)
+    assert weights == root / "run" / "model.safetensors"
+    return weights
+
+
+def test_the_smoke_recipe_is_the_shipped_recipe_but_for_its_length() -> None:
+    full, smoke = (load_run_config(RECIPES / name, cuda=False) for name in ("vldun_compact.yaml", "vldun_compact_smoke.yaml"))
+    differ = {k for k in vars(full) if getattr(full, k) != getattr(smoke, k)}
+    assert differ == {"out", "patch", "prior", "joint", "checkpoint_every", "threads", "gpu"}
+    assert [Path(d).name for d in full.data] == list(STAND_INS)
+
+
+def test_the_smoke_recipe_exports_a_calibrated_model_with_the_none_class_and_every_task(smoke_run: Path) -> None:
+    _, info = read_model_info(smoke_run)
+    assert NO_DEGRADATION in info.config.degradations and info.ood is not None
+    assert list(info.tasks) == ["heart", "brain_tumour", "lung_infection", "abdominal_organs"]
+    assert info.tasks["brain_tumour"].datasets == ("BraTS2015", "BraTS2018")
+    assert info.modality_names["BraTS2018/T1"] == "MRI · brain, T1"
+    assert info.extra["recipe"] == "recipe.yaml" and len(info.extra["sessions"]) == 2
+    assert sum(map(len, info.extra["training_cases"].values())) == 5 * 4
+
+
+def test_the_smoke_model_predicts_a_volume(smoke_run: Path) -> None:
+    predictor = VolumePredictor(smoke_run, device="cpu")
+    volume = np.random.default_rng(0).random((3, 40, 40)).astype(np.float32) * 500
+    result = predictor.predict(volume, task="heart")
+    assert result.restored.shape == volume.shape and np.isfinite(result.restored).all()
+    assert set(np.unique(result.labels)) <= {0, 1, 2, 3}
+    assert all(torch.isfinite(t).all() for t in load_file(str(smoke_run)).values())
