@@ -29,6 +29,8 @@ MODULE_TITLE = "VL-DUN Restore & Segment"
 MINIMUM_SLICER = (5, 8)
 SUPPORTED_SLICER = "3D Slicer 5.8 or later"
 CUSTOM_WEIGHTS_INDEX = 1
+AUTO_TASK = "auto"
+AUTO_TASK_TEXT = "Auto (from detection)"
 POLL_INTERVAL_MS = 100
 TORCH_REQUIREMENT = ">=2.1"
 TORCH_PACKAGES = ("torch", "torchvision")
@@ -52,7 +54,9 @@ class VLDUN(ScriptedLoadableModule):
 Restores a low-quality MRI or CT scan (noise, blur, motion, low resolution, undersampled or
 sparse-view acquisition) and segments it in one step, with the VL-DUN network.<br>
 Pick the input volume and press <b>Apply</b>; the network runs in a separate process, so Slicer stays
-usable and <b>Cancel</b> stops it at once. The <b>Detected</b> section then shows the modality
+usable and <b>Cancel</b> stops it at once. The <b>Segmentation task</b> picks the structures to segment;
+on Auto the detected modality picks them, and a scan unlike the training data is only restored (its
+segmentation is left as it was). The <b>Detected</b> section then shows the modality
 and degradation the model recognised; a warning appears when the scan is unlike the training data.
 Results are for research and need expert review; they are not for diagnosis.<br>
 Requires {SUPPORTED_SLICER}. {WEIGHTS_TERMS}<br>
@@ -94,7 +98,9 @@ class VLDUNParameterNode:
     weightsPath "" means the shipped default weights; device is one of logic.available_devices() on
     this computer (a scene saved elsewhere may name one absent here: the panel then shows "auto");
     degradationOverride "" lets the model detect the degradation; mirror averages the segmentation
-    over 4 mirror images (off: it costs 4x the segmentation pass and blurs away small lesions).
+    over 4 mirror images (off: it costs 4x the segmentation pass and blurs away small lesions);
+    segmentationTask "auto" segments the detected modality's task (nothing for an unknown scan), else it is
+    a task id of the model (VLDUNLogic.tasks()).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -104,6 +110,7 @@ class VLDUNParameterNode:
     device: str = "auto"
     degradationOverride: str = ""
     mirror: bool = False
+    segmentationTask: str = AUTO_TASK
 
 
 class VLDUNParameterLogic(ScriptedLoadableModuleLogic):
@@ -134,6 +141,7 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._createdNodes = []
         self._onCpuAfterOutOfMemory = False
         self._pollTimer = None
+        self._taskToolTip = ""
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -153,6 +161,8 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fillDeviceComboBox()
         self.ui.progressBar.hide()
         self.ui.outOfDistributionLabel.hide()
+        self.ui.segmentationNoteLabel.hide()
+        self._taskToolTip = self.ui.taskComboBox.toolTip
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -160,6 +170,7 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.weightsPathLineEdit.connect("currentPathChanged(QString)", self._onWeightsChanged)
         self.ui.degradationComboBox.connect("currentIndexChanged(int)", self._onDegradationChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._onDeviceChanged)
+        self.ui.taskComboBox.connect("currentIndexChanged(int)", self._onTaskChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
 
         self.initializeParameterNode()
@@ -227,11 +238,33 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._showUnboundParameters()
 
+    def _fillTaskComboBox(self, weightsPath: str) -> None:
+        """Auto, then the tasks of the model `weightsPath` ("" the shipped one), read from its JSON without loading
+        the network; a model that cannot be read offers Auto only, and the tooltip says why."""
+        tasks, problem = modelTasks(weightsPath)
+        comboBox = self.ui.taskComboBox
+        wasBlocked = comboBox.blockSignals(True)
+        comboBox.clear()
+        comboBox.addItem(AUTO_TASK_TEXT, AUTO_TASK)
+        for task, label in tasks.items():
+            comboBox.addItem(label, task)
+        comboBox.toolTip = f"{self._taskToolTip}\n\nOnly Auto is offered: {problem}" if problem else self._taskToolTip
+        comboBox.blockSignals(wasBlocked)
+        self._showTask()
+
+    def _showTask(self) -> None:
+        """Select the stored task; one this model lacks shows Auto, which is then stored: what is shown runs."""
+        if not self._parameterNode:
+            return
+        comboBox = self.ui.taskComboBox
+        comboBox.currentIndex = max(comboBox.findData(self._parameterNode.segmentationTask), 0)
+        self._onTaskChanged()
+
     def _showUnboundParameters(self) -> None:
-        """Copy weightsPath, device and degradationOverride into the GUI.
+        """Copy weightsPath, device, degradationOverride and segmentationTask into the GUI.
 
         connectGui cannot bind them: ctkPathLineEdit binds only pathlib paths, and the device and
-        degradation names are known only at run time.
+        degradation names and the model's tasks are known only at run time.
         """
         weightsPath = self._parameterNode.weightsPath
         override = self._parameterNode.degradationOverride
@@ -245,10 +278,17 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._onDeviceChanged()
 
     def _onWeightsChanged(self) -> None:
+        """Store the chosen model and offer its tasks."""
         custom = self.ui.modelComboBox.currentIndex == CUSTOM_WEIGHTS_INDEX
         self.ui.weightsPathLineEdit.enabled = custom
+        weightsPath = self.ui.weightsPathLineEdit.currentPath if custom else ""
         if self._parameterNode:
-            self._parameterNode.weightsPath = self.ui.weightsPathLineEdit.currentPath if custom else ""
+            self._parameterNode.weightsPath = weightsPath
+        self._fillTaskComboBox(weightsPath)
+
+    def _onTaskChanged(self) -> None:
+        if self._parameterNode and self.ui.taskComboBox.currentData:
+            self._parameterNode.segmentationTask = self.ui.taskComboBox.currentData
 
     def _onDegradationChanged(self) -> None:
         if self._parameterNode:
@@ -323,6 +363,7 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             degradation_override=parameters.degradationOverride or None,
             mirror=parameters.mirror,
             replace_segments=True,
+            task=parameters.segmentationTask,
         )
         try:
             self._job.start()
@@ -350,11 +391,23 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._showStatus(job.status)
         if finished:
+            if not job.segmented:
+                self._removeCreatedSegmentation()
             self._finishJob()
-            self._createdNodes = []
-            self._endProgress("Done on the CPU: the GPU ran out of memory" if self._onCpuAfterOutOfMemory else "Done")
-            self._showDetection(job.detection)
-            showResults(self._parameterNode.outputVolume, self._parameterNode.outputSegmentation)
+            self._endProgress(self._doneText(job.segmented))
+            self._showDetection(job.detection, job.status.note)
+            segmentation = self._parameterNode.outputSegmentation if job.segmented else None
+            showResults(self._parameterNode.outputVolume, segmentation)
+
+    def _removeCreatedSegmentation(self) -> None:
+        """A run that wrote no segmentation leaves none behind that it created; a chosen one stays untouched."""
+        created = [node for node in self._createdNodes if node.IsA("vtkMRMLSegmentationNode")]
+        removeNodes(created)
+        self._createdNodes = [node for node in self._createdNodes if node not in created]
+
+    def _doneText(self, segmented: bool) -> str:
+        text = "Done on the CPU: the GPU ran out of memory" if self._onCpuAfterOutOfMemory else "Done"
+        return text if segmented else f"{text}, not segmented"
 
     def _offerCpu(self, error: Exception) -> None:
         """The GPU was too small even one slice at a time: one question, then this run only goes to the CPU."""
@@ -440,14 +493,18 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             label.text = "-"
             label.toolTip = ""
         self.ui.outOfDistributionLabel.hide()
+        self.ui.segmentationNoteLabel.hide()
 
-    def _showDetection(self, detection) -> None:
+    def _showDetection(self, detection, note: str) -> None:
+        """What the prior detected, and `note` (the job's status note) when the run wrote no segmentation."""
         self.ui.modalityLabel.text = f"{detection.modality} ({detection.modality_probability:.0%})"
         self.ui.modalityLabel.toolTip = probabilityTable(detection.modality_probabilities)
         degradation = detection.degradation.replace("_", " ")
         self.ui.detectedDegradationLabel.text = f"{degradation} ({detection.degradation_probability:.0%})"
         self.ui.detectedDegradationLabel.toolTip = probabilityTable(detection.degradation_probabilities)
         self.ui.outOfDistributionLabel.visible = detection.out_of_distribution
+        self.ui.segmentationNoteLabel.text = note
+        self.ui.segmentationNoteLabel.visible = bool(note)
         self.ui.detectedCollapsibleButton.collapsed = False
 
 
@@ -476,15 +533,26 @@ def probabilityTable(probabilities: dict[str, float]) -> str:
     return "\n".join(f"{name.replace('_', ' ')}: {probability:.1%}" for name, probability in ranked)
 
 
+def modelTasks(weightsPath: str) -> tuple[dict[str, str], str]:
+    """(task id -> label, "") of the model `weightsPath` ("" the shipped one); ({}, why) when it cannot be read."""
+    from VLDUNLib.logic import VLDUNLogic
+
+    try:
+        return VLDUNLogic(weightsPath or None).tasks(), ""
+    except (ValueError, OSError) as error:
+        return {}, str(error)
+
+
 def removeNodes(nodes: list) -> None:
     for node in nodes:
         slicer.mrmlScene.RemoveNode(node)
 
 
 def showResults(restoredVolume, segmentation) -> None:
-    """Show the segmentation in 3D and the restored volume in the slice views."""
-    segmentation.CreateDefaultDisplayNodes()
-    segmentation.CreateClosedSurfaceRepresentation()
+    """Show the segmentation (None: the run wrote none) in 3D and the restored volume in the slice views."""
+    if segmentation is not None:
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.CreateClosedSurfaceRepresentation()
     slicer.util.setSliceViewerLayers(background=restoredVolume, fit=True)
 
 

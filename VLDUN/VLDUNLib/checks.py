@@ -6,7 +6,8 @@ Shared by `logic` (synchronous runs) and `job` (the worker process), without imp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -14,6 +15,7 @@ import slicer
 import slicer.util
 
 from . import mrml
+from .tasks import AUTO
 
 if TYPE_CHECKING:
     from .results import Prediction
@@ -40,8 +42,11 @@ class Predictor(Protocol):
         progress: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         degradation_override: str | None = None,
+        task: str = AUTO,
     ) -> Prediction: ...
 
+    def tasks(self) -> dict[str, str]:
+        """Task id -> readable label: the choices for `predict(task=...)` besides "auto"."""
 
 
 def _node_label(node: slicer.vtkMRMLNode) -> str:
@@ -219,7 +224,7 @@ def check_options(batch_size: int, degradation_override: str | None, mirror: boo
     if not isinstance(mirror, bool):
         raise ValueError(f"mirror must be True or False, got {mirror!r}.")
     if degradation_override is not None:
-        from .degradations import DEGRADATIONS
+        from .config import DEGRADATIONS
 
         if degradation_override not in DEGRADATIONS:
             raise ValueError(
@@ -228,3 +233,22 @@ def check_options(batch_size: int, degradation_override: str | None, mirror: boo
             )
 
 
+def model_tasks(weights: str | Path | None) -> dict[str, str]:
+    """Task id -> readable label of a weights file (None: the shipped model), from its checked JSON: the
+    network is not loaded. Raises `weights.WeightsError` (a ValueError) for a missing, corrupt or edited model."""
+    from .weights import DEFAULT_WEIGHTS, read_model_info
+
+    return read_model_info(weights or DEFAULT_WEIGHTS)[1].task_labels()
+
+
+def check_task(task: str, offered: Callable[[], Mapping[str, str]]) -> None:
+    """Refuse a task the model does not offer, naming the ones it does; `offered` is asked only for a named task,
+    so "auto" never reads the model."""
+    if not isinstance(task, str):
+        raise ValueError(f"task must be a task name or {AUTO!r}, got {task!r}.")  # noqa: TRY004 (options raise ValueError)
+    if task == AUTO:
+        return
+    choices = list(offered())
+    if task not in choices:
+        valid = f"{AUTO!r} or one of {', '.join(choices)}" if choices else f"{AUTO!r} only"
+        raise ValueError(f"Unknown segmentation task {task!r}; this model's tasks are {valid}.")

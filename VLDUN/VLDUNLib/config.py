@@ -1,7 +1,8 @@
 """The one configuration of a VL-DUN model, its presets and its ablation switches.
 
 A config is plain data: it is written next to the weights as JSON, so a weights file can be checked
-against it (unknown preset, wrong class count, mismatched shapes) before anything runs.
+against it (unknown preset, wrong class count, mismatched shapes) before anything runs. It imports no torch,
+so a model's JSON can be read (its tasks, for a selector) in a process that has not loaded torch.
 """
 
 from __future__ import annotations
@@ -10,7 +11,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .degradations import DEGRADATIONS
+DEGRADATIONS: tuple[str, ...] = (
+    "noise",
+    "blur",
+    "motion",
+    "low_resolution",
+    "undersampling",
+    "sparse_view",
+)
+"""The degradation kinds, in the order of the prior's labels (re-exported by `degradations`); defined here, without torch."""
 
 DEGRADATION_PROMPTS: dict[str, str] = {
     "noise": "Noisy medical image with severe grain",

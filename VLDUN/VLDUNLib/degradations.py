@@ -25,14 +25,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-DEGRADATIONS: tuple[str, ...] = (
-    "noise",
-    "blur",
-    "motion",
-    "low_resolution",
-    "undersampling",
-    "sparse_view",
-)
+from .config import DEGRADATIONS
 
 PRIMITIVES: tuple[str, ...] = DEGRADATIONS[:4]
 MAX_ACCELERATION = 16.0

@@ -238,7 +238,7 @@ class VolumePredictor:
 
     def tasks(self) -> dict[str, str]:
         """Task id -> readable label, the choices for `predict(task=...)` besides "auto" (for a selector)."""
-        return {task_id: task.label for task_id, task in self.info.tasks.items() if task.classes}
+        return self.info.task_labels()
 
     def detection(self, prior: PriorOutput | None, task: str = AUTO) -> Detection:
         """What the prior detected, with the classes of `task` ("auto": the detected modality's task)."""

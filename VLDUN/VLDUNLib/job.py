@@ -8,7 +8,9 @@ the worker as a .npy file in a temporary folder; the results come back the same 
 MRML is read and written only by the thread that calls the job (Slicer's GUI thread): `start()` checks
 everything and reads the input; `poll()` reads the worker's messages and, once the prediction is there,
 writes the outputs in short steps, one per call, committing both outputs in the last one. Until that
-commit, a cancel or a failure leaves the scene exactly as it was.
+commit, a cancel or a failure leaves the scene exactly as it was. A scan the model left unsegmented (task
+"auto" on an unknown scan) gets its restored volume only: the output segmentation is not touched, and
+`JobStatus.note` says why and how to segment it anyway.
 
 This module imports neither torch nor Qt: importing torch in Slicer's process would freeze it for seconds.
 """
@@ -35,8 +37,16 @@ import slicer
 import slicer.util
 
 from . import mrml
-from .checks import Predictor, check_options, validate_input, validate_outputs
+from .checks import (
+    Predictor,
+    check_options,
+    check_task,
+    model_tasks,
+    validate_input,
+    validate_outputs,
+)
 from .results import Cancelled, Detection, Prediction, SegmentClass
+from .tasks import AUTO
 from .terminology import segment_style
 from .worker import INPUT_FILE, LABELS_FILE, REQUEST_FILE, RESTORED_FILE
 
@@ -70,6 +80,9 @@ class JobOptions:
     mirror: bool = False
     replace_segments: bool = False
     """Allow replacing segments of the output segmentation that VL-DUN did not make (`logic.foreign_segments`)."""
+    task: str = AUTO
+    """The classes to segment: a task id of the model (`logic.VLDUNLogic.tasks`), or "auto" for the detected
+    modality's task, which leaves an unknown scan unsegmented."""
     predictor_factory: str | None = None
     """"module:function" called as function(weights, device) in the worker instead of loading VL-DUN (tests)."""
 
@@ -81,6 +94,22 @@ class JobStatus:
     done: int = 0
     total: int = 0
     seconds_left: float = math.inf
+    note: str = ""
+    """Once done: why the scan was not segmented and what to do, for the panel; empty when it was segmented."""
+
+
+UNKNOWN_SCAN_NOTE = "Unknown scan: not segmented. Choose a segmentation task to segment it anyway."
+
+
+def segmentation_note(detection: Detection) -> str:
+    """What a person in Slicer reads about a run that wrote no segmentation (the library's own
+    `Detection.segmentation_note` names command-line options); empty when the run segmented."""
+    if detection.segments:
+        return ""
+    if detection.out_of_distribution:
+        return UNKNOWN_SCAN_NOTE
+    return (f"No segmentation task matches the detected modality ({detection.modality}): not segmented. "
+            "Choose a segmentation task to segment it anyway.")
 
 
 class Compute(Protocol):
@@ -92,6 +121,9 @@ class Compute(Protocol):
 
     def stop(self, wait: bool = True) -> None:
         """End the computation; `wait`: until it has ended (a cancel), else just tell it to (it is finishing)."""
+
+    def tasks(self) -> dict[str, str]:
+        """Task id -> readable label of the model that will run, for checking a chosen task before it starts."""
 
 
 def worker_python() -> str:
@@ -135,6 +167,10 @@ class WorkerProcess:
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
+
+    def tasks(self) -> dict[str, str]:
+        """Read from the weights' JSON in this process, so a wrong task is refused before the worker starts."""
+        return model_tasks(self.options.weights)
 
     def start(self, slices: np.ndarray) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="vldun-"))
@@ -232,6 +268,9 @@ class InThread:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def tasks(self) -> dict[str, str]:
+        return self.predictor.tasks()
+
     def start(self, slices: np.ndarray) -> None:
         self._thread = threading.Thread(target=self._run, args=(slices,), daemon=True)
         self._thread.start()
@@ -246,6 +285,7 @@ class InThread:
                 progress=lambda done, total: self._queue.put(("progress", (done, total))),
                 should_cancel=self._stop.is_set,
                 degradation_override=self.options.degradation_override,
+                task=self.options.task,
             )
             self._queue.put(("result", prediction))
         except BaseException as error:  # noqa: BLE001 (handed to the caller's thread, which raises it)
@@ -294,7 +334,7 @@ class VLDUNJob:
     `start()` raises ValueError for unusable input or outputs (nothing changed). Then call `poll()` until it
     returns True; it raises what made the run fail (ValueError, `WorkerFailed`, `GpuOutOfMemory`) with the
     scene unchanged. `cancel()` stops the run within a second and leaves the scene unchanged. `detection`
-    holds what the prior detected once the run is done.
+    holds what the prior detected once the run is done; `segmented` says whether the segmentation was written.
     """
 
     def __init__(
@@ -321,11 +361,17 @@ class VLDUNJob:
     def finished(self) -> bool:
         return self._finished
 
+    @property
+    def segmented(self) -> bool:
+        """The run finished and wrote the output segmentation (an unknown scan in "auto" leaves it untouched)."""
+        return self._finished and bool(self.detection.segments)
+
     def start(self) -> None:
         inputVolume, outputVolume, outputSegmentation = self.nodes
         validate_input(inputVolume)
         validate_outputs(inputVolume, outputVolume, outputSegmentation, self.options.replace_segments)
         check_options(self.options.batch_size, self.options.degradation_override, self.options.mirror)
+        check_task(self.options.task, self.compute.tasks)
         self._axis = mrml.slice_axis(inputVolume)
         self._scene, self._stamp = inputVolume.GetScene(), content_stamp(inputVolume)
         slices = mrml.volume_to_slices(_read_only(slicer.util.arrayFromVolume(inputVolume)), self._axis)
@@ -389,7 +435,8 @@ class VLDUNJob:
             self.compute.stop(wait=False)
 
     def _write(self, prediction: Prediction) -> Iterator[None]:
-        """The outputs, staged off the scene over several polls and committed together in the last one.
+        """The outputs, staged off the scene over several polls and committed together in the last one; without
+        segments (an unknown scan in "auto") only the restored volume, and the segmentation stays as it was.
 
         The segments' closed surfaces (3-D display) are left to the caller: making them takes 0.6 s for
         100 x 256 x 256 voxels and VTK holds Python's lock meanwhile, so no poll-sized step exists for them.
@@ -398,15 +445,23 @@ class VLDUNJob:
         self._check_scene()
         image = mrml.volume_image(mrml.slices_to_volume(prediction.restored, self._axis), inputVolume)
         yield
-        segments = [_segment_spec(segment) for segment in prediction.detection.segments]
-        labels = mrml.slices_to_volume(np.asarray(prediction.labels), self._axis)
-        staged = mrml.build_segmentation(labels, inputVolume, segments, surfaces=False)
+        staged = self._staged_segmentation(prediction)
         yield
         self._check_scene()
         with mrml.outputs_restored_on_failure(outputVolume, outputSegmentation):
             mrml.commit_scalar_volume(outputVolume, image, inputVolume)
-            mrml.commit_segmentation(outputSegmentation, staged, inputVolume)
+            if staged is not None:
+                mrml.commit_segmentation(outputSegmentation, staged, inputVolume)
         self.detection = prediction.detection
+        self.status.note = segmentation_note(prediction.detection)
+
+    def _staged_segmentation(self, prediction: Prediction) -> slicer.vtkSegmentation | None:
+        """The segments to commit, off the scene; None when the model segmented nothing (no empty segmentation)."""
+        if not prediction.detection.segments:
+            return None
+        segments = [_segment_spec(segment) for segment in prediction.detection.segments]
+        labels = mrml.slices_to_volume(np.asarray(prediction.labels), self._axis)
+        return mrml.build_segmentation(labels, self.nodes[0], segments, surfaces=False)
 
     def _check_scene(self) -> None:
         """Nodes removed, the input edited or segments finished while the model ran: write nothing rather than

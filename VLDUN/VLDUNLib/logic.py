@@ -13,6 +13,12 @@ as it was; if writing fails, both outputs get their previous content back. The i
 An output segmentation holding segments VL-DUN did not make (`foreign_segments`) is refused unless
 `replace_segments=True`; segments marked Completed are never replaced.
 
+`task` picks the classes to segment: one of `VLDUNLogic.tasks()` (read from the model's JSON, without loading
+the network), or "auto" for the detected modality's task. In "auto" a scan the model flags as unknown gets
+its restored volume and no segmentation: the output segmentation is left as it was, and the returned
+detection's `segmentation_note` (the job's `status.note`, for a panel) says why. A task the model lacks is
+refused before the worker starts, with the valid ones named.
+
 Headless use, Slicer application without a window
 (`Slicer --no-main-window --python-script run_vldun.py scan.nrrd out/scan`)::
 
@@ -23,8 +29,8 @@ Headless use, Slicer application without a window
     scan = slicer.util.loadVolume(sys.argv[1])
     restored = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "restored")
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
-    detection = VLDUNLogic().process(scan, restored, segmentation, device="auto")
-    print(detection.modality, detection.degradation, detection.segment_names)
+    detection = VLDUNLogic().process(scan, restored, segmentation, device="auto", task="auto")
+    print(detection.modality, detection.degradation, detection.segment_names, detection.segmentation_note)
     slicer.util.saveNode(restored, sys.argv[2] + "_restored.nrrd")
     slicer.util.saveNode(segmentation, sys.argv[2] + ".seg.nrrd")
     slicer.util.exit(0)
@@ -50,9 +56,11 @@ from .checks import (  # noqa: F401 (validate_input, foreign_segments and MIN_IN
     check_options,
     completed_segments,
     foreign_segments,
+    model_tasks,
     validate_input,
     validate_outputs,
 )
+from .tasks import AUTO
 
 if TYPE_CHECKING:
     from .job import VLDUNJob
@@ -110,6 +118,12 @@ class VLDUNLogic:
         self.weights = weights
         self.predictor = predictor
 
+    def tasks(self) -> dict[str, str]:
+        """Task id -> readable label, the choices for `task` besides "auto" (e.g. a selector's items), in the
+        model's order. Read from the weights' JSON, so the network is not loaded; raises ValueError for a
+        missing, corrupt or edited model."""
+        return self.predictor.tasks() if self.predictor is not None else model_tasks(self.weights)
+
     def job(
         self,
         inputVolume: slicer.vtkMRMLScalarVolumeNode,
@@ -121,8 +135,10 @@ class VLDUNLogic:
         batch_size: int = 8,
         mirror: bool = False,
         replace_segments: bool = False,
+        task: str = AUTO,
     ) -> VLDUNJob:
-        """A run not yet started: call its `start()`, then `poll()` (e.g. from a QTimer) until it returns True."""
+        """A run not yet started: call its `start()`, then `poll()` (e.g. from a QTimer) until it returns True.
+        `start()` refuses a `task` the model lacks before the worker starts."""
         from .job import InThread, JobOptions, VLDUNJob
 
         options = JobOptions(
@@ -132,6 +148,7 @@ class VLDUNLogic:
             batch_size=batch_size,
             mirror=mirror,
             replace_segments=replace_segments,
+            task=task,
         )
         compute = InThread(self.predictor, options) if self.predictor is not None else None
         return VLDUNJob(inputVolume, outputVolume, outputSegmentation, options, compute, progress)
@@ -148,6 +165,7 @@ class VLDUNLogic:
         batch_size: int = 8,
         mirror: bool = False,
         replace_segments: bool = False,
+        task: str = AUTO,
     ) -> Detection:
         """Restore `inputVolume` into `outputVolume` and segment it into `outputSegmentation`; returns when done.
 
@@ -157,9 +175,10 @@ class VLDUNLogic:
         model's process failed (nothing changed). Returns what the prior detected (modality, degradation,
         classes). `mirror` averages the segmentation over each slice and its 3 mirror images: 4x the
         segmentation pass, a little better on large organs, worse on small lesions (MODEL_CARD.md).
+        `task`: see the module docstring; with no segmentation written, `Detection.segmentation_note` says why.
         """
         from .job import run
 
         job = self.job(inputVolume, outputVolume, outputSegmentation, device, progress, degradation_override,
-                       batch_size, mirror, replace_segments)
+                       batch_size, mirror, replace_segments, task=task)
         return run(job, should_cancel)

@@ -11,6 +11,9 @@ as the SHA-256 of its canonical form (`canonical_json`: every key except the two
 whitespace, ASCII). Editing anything in the JSON (swapping two class names, the OOD threshold) therefore
 makes the model refuse to load. Whoever changes the JSON on purpose re-seals it with `rewrite_info(path, info)`
 (or `reseal(path)` after editing the file by hand), which recomputes both hashes.
+
+torch and safetensors are imported only where tensors are read or written, so `read_model_info` (a model's
+classes and tasks, e.g. for Slicer's task selector) runs in a process that has not loaded torch.
 """
 
 from __future__ import annotations
@@ -20,16 +23,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from .config import PRESETS, VLDUNConfig
-from .network import build_model
 from .ood import MahalanobisOOD
 from .tasks import Task, default_modality_names, derive_tasks
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "vldun-weights/1"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
@@ -66,6 +67,10 @@ class ModelInfo:
     def __post_init__(self) -> None:
         self.modality_names = {**default_modality_names(self.config.modalities), **self.modality_names}
         self.tasks = self.tasks or derive_tasks(self.dataset_classes)
+
+    def task_labels(self) -> dict[str, str]:
+        """Task id -> readable label of the tasks a user can choose (those with classes), in the model's order."""
+        return {task_id: task.label for task_id, task in self.tasks.items() if task.classes}
 
     def to_dict(self, sha256: str) -> dict[str, Any]:
         """The sealed JSON content: `sha256` of the tensors file, then `config_sha256` of the rest."""
@@ -144,6 +149,8 @@ def config_path_for(weights: Path) -> Path:
 
 def save_weights(model: torch.nn.Module, info: ModelInfo, path: str | Path) -> Path:
     """Write `path` (.safetensors) and its JSON config beside it; returns the JSON path."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     if path.suffix != ".safetensors":
         raise WeightsError(f"{path.name}: weights are written as .safetensors; change the file name.")
@@ -255,6 +262,8 @@ def _checked_info(meta: dict[str, Any], json_path: Path) -> ModelInfo:
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelInfo]:
     """A verified model in eval mode; `path=None` loads the shipped default weights."""
+    from .network import build_model
+
     path, info = read_model_info(path or DEFAULT_WEIGHTS)
     model = build_model(info.config)
     expected = model.state_dict()
@@ -269,6 +278,8 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
 
 
 def _read_tensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         keys = set(handle.keys())
         missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))

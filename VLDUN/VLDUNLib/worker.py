@@ -83,6 +83,7 @@ def run(folder: Path, send: Any) -> None:
         batch_size=request["batch_size"],
         progress=lambda done, total: send(progress=[done, total]),
         degradation_override=request["degradation_override"],
+        task=request["task"],
     )
     np.save(folder / RESTORED_FILE, prediction.restored)
     np.save(folder / LABELS_FILE, prediction.labels)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 FAKE_CLASSES = ("ACDC/RV", "ACDC/MYO", "ACDC/LV")
+FAKE_TASKS = {"heart": "Heart: ventricles and myocardium"}
 
 
 def rotation(x_degrees: float, y_degrees: float) -> np.ndarray:
@@ -97,6 +98,10 @@ class FakePredictor:
         self.mirrored: list[bool] = []
         self.seen: np.ndarray | None = None
         self.last: Any = None
+        self.task: str | None = None
+
+    def tasks(self) -> dict[str, str]:
+        return dict(FAKE_TASKS)
 
     def predict(
         self,
@@ -106,11 +111,13 @@ class FakePredictor:
         progress: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         degradation_override: str | None = None,
+        task: str = "auto",
     ) -> Any:
         from VLDUNLib.inference import Cancelled, Detection, Prediction, SegmentClass
         from VLDUNLib.terminology import display_name
 
         self.calls += 1
+        self.task = task
         self.mirrored.append(self.mirror)
         self.seen = volume
         edges = np.quantile(volume, [0.25, 0.5, 0.75])
@@ -128,7 +135,8 @@ class FakePredictor:
                 progress(stop, len(volume))
         segments = [SegmentClass(i + 1, display_name(key), key) for i, key in enumerate(FAKE_CLASSES)]
         detection = Detection(
-            "ACDC/MRI", 0.9, {"ACDC/MRI": 0.9}, degradation_override or "noise", 0.8, {"noise": 0.8}, False, segments
+            "ACDC/MRI", 0.9, {"ACDC/MRI": 0.9}, degradation_override or "noise", 0.8, {"noise": 0.8}, False, segments,
+            task="heart",
         )
         self.last = Prediction(restored, labels, detection)
         return self.last

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from VLDUNLib.config import PriorConfig, VLDUNConfig, make_config
+
+if TYPE_CHECKING:
+    from VLDUNLib.inference import VolumePredictor
 
 DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
 """The developer datasets beside the checkout (../shared/data), as CI lays them out."""
@@ -37,4 +40,22 @@ def tiny_predictor(ood_threshold: float = 0.0, **overrides: Any):
     torch.manual_seed(0)
     config = tiny_config(**{"modalities": ("ACDC/MRI",), **overrides})
     info = ModelInfo(config, ["background", "ACDC/RV", "ACDC/MYO", "ACDC/LV"], {"ACDC": [1, 2, 3]}, ood_threshold)
+    return VolumePredictor(device="cpu", model=(build_model(config).eval(), info))
+
+
+TWO_TASK_CLASSES = ["background", "ACDC/RV", "ACDC/MYO", "ACDC/LV", "BraTS2015/edema", "BraTS2015/enhancing"]
+
+
+def two_task_predictor(ood_threshold: float = 0.0) -> VolumePredictor:
+    """A tiny untrained model of ACDC and BraTS2015: tasks "heart" (3 classes) and "brain_tumour" (2 classes).
+    `ood_threshold` above 1 flags every scan unknown (it has no unknown-scan statistics, so the modality
+    probability, at most 1, is compared with it)."""
+    import torch
+    from VLDUNLib.inference import VolumePredictor
+    from VLDUNLib.network import build_model
+    from VLDUNLib.weights import ModelInfo
+
+    torch.manual_seed(0)
+    config = tiny_config(modalities=("ACDC/MRI", "BraTS2015/T1c"), num_classes=len(TWO_TASK_CLASSES))
+    info = ModelInfo(config, list(TWO_TASK_CLASSES), {"ACDC": [1, 2, 3], "BraTS2015": [4, 5]}, ood_threshold)
     return VolumePredictor(device="cpu", model=(build_model(config).eval(), info))

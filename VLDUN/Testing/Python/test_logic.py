@@ -239,6 +239,8 @@ REFUSALS: dict[str, tuple[Callable[[Any, Any], tuple[Any, Any, Any]], dict[str, 
     "batch size": (lambda scene, add: (add(scan()), None, None), {"batch_size": 0}, "batch_size"),
     "degradation": (lambda scene, add: (add(scan()), None, None), {"degradation_override": "fog"}, "'fog'"),
     "mirror": (lambda scene, add: (add(scan()), None, None), {"mirror": "yes"}, "mirror must be True or False"),
+    "task": (lambda scene, add: (add(scan()), None, None), {"task": "liver"},
+             r"Unknown segmentation task 'liver'; this model's tasks are 'auto' or one of heart\."),
 }
 
 

@@ -43,6 +43,8 @@ EXPECTED_WIDGET_CLASSES = {
     "modalityLabel": "QLabel",
     "detectedDegradationLabel": "QLabel",
     "outOfDistributionLabel": "QLabel",
+    "taskComboBox": "QComboBox",
+    "segmentationNoteLabel": "QLabel",
 }
 
 # Slicer/Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json ("additionalProperties": false).
@@ -102,6 +104,45 @@ def parameterNodeFields() -> dict[str, str]:
         if isinstance(node, ast.ClassDef) and "parameterNodeWrapper" in decorators:
             return {s.target.id: ast.unparse(s.annotation) for s in node.body if isinstance(s, ast.AnnAssign)}
     raise AssertionError("VLDUN.py has no @parameterNodeWrapper class")
+
+
+def parameterNodeDefaults() -> dict[str, object]:
+    """Field name -> default value of the @parameterNodeWrapper class, module constants resolved."""
+    tree = moduleTree()
+    constants = {target.id: node.value.value for node in tree.body
+                 if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+                 for target in node.targets if isinstance(target, ast.Name)}
+    wrapper = next(node for node in tree.body if isinstance(node, ast.ClassDef)
+                   and "parameterNodeWrapper" in [ast.unparse(d) for d in node.decorator_list])
+    defaults = {}
+    for field in wrapper.body:
+        if isinstance(field, ast.AnnAssign) and field.value is not None:
+            value = field.value
+            defaults[field.target.id] = constants[value.id] if isinstance(value, ast.Name) else ast.literal_eval(value)
+    return defaults
+
+
+def widgetMethod(name: str) -> str:
+    """Source of a method of VLDUNWidget."""
+    source = MODULE_PY.read_text(encoding="utf-8")
+    widget = next(n for n in moduleTree().body if isinstance(n, ast.ClassDef) and n.name == "VLDUNWidget")
+    method = next((n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == name), None)
+    if method is None:
+        raise AssertionError(f"VLDUNWidget has no method {name}")
+    return ast.get_source_segment(source, method)
+
+
+def uiAncestors(name: str) -> list[str]:
+    """Names of the widgets that contain widget `name`, outermost first."""
+    root = ElementTree.parse(UI_FILE).getroot()
+    parents = {child: parent for parent in root.iter() for child in parent}
+    element = next(w for w in root.iter("widget") if w.get("name") == name)
+    names = []
+    while element in parents:
+        element = parents[element]
+        if element.tag == "widget":
+            names.insert(0, element.get("name"))
+    return names
 
 
 def cmakeList(name: str) -> list[str]:
@@ -179,6 +220,46 @@ class UiFileTest(unittest.TestCase):
         declared = {c.findtext("class") for c in root.iter("customwidget")}
         used = {cls for cls in uiWidgetClasses().values() if not cls.startswith("Q")}
         self.assertEqual(used - declared, set())
+
+
+class TaskSelectorTest(unittest.TestCase):
+    """The segmentation task is the user's choice: a combo box beside the input, stored in the parameter node,
+    filled with the chosen model's tasks, passed to the job; the run's note is shown after it."""
+
+    def test_the_combo_box_sits_with_the_inputs_unbound_by_connect_gui(self):
+        self.assertIn("inputsCollapsibleButton", uiAncestors("taskComboBox"))
+        self.assertNotIn("taskComboBox", parameterBindings(), "its items carry task ids: the module binds it itself")
+        self.assertEqual(uiWidget("taskLabel").find("property/string").text, "Segmentation task:")
+
+    def test_the_task_is_a_string_parameter_that_defaults_to_auto(self):
+        self.assertEqual(parameterNodeFields().get("segmentationTask"), "str")
+        self.assertEqual(parameterNodeDefaults().get("segmentationTask"), "auto")
+
+    def test_the_combo_box_offers_auto_then_the_models_tasks_and_stores_the_choice(self):
+        fill = widgetMethod("_fillTaskComboBox")
+        self.assertRegex(fill, r"modelTasks\(weightsPath\)")
+        self.assertRegex(fill, r"addItem\(AUTO_TASK_TEXT, AUTO_TASK\)")
+        self.assertRegex(fill, r"for task, label in tasks\.items\(\):\s+comboBox\.addItem\(label, task\)")
+        self.assertIn('AUTO_TASK_TEXT = "Auto (from detection)"', MODULE_PY.read_text(encoding="utf-8"))
+        self.assertRegex(MODULE_PY.read_text(encoding="utf-8"), r"VLDUNLogic\(weightsPath or None\)\.tasks\(\)")
+        self.assertIn('self.ui.taskComboBox.connect("currentIndexChanged(int)", self._onTaskChanged)',
+                      widgetMethod("setup"))
+        self.assertRegex(widgetMethod("_onTaskChanged"),
+                         r"self\._parameterNode\.segmentationTask = self\.ui\.taskComboBox\.currentData")
+
+    def test_a_model_change_refills_the_tasks(self):
+        self.assertIn("self._fillTaskComboBox(weightsPath)", widgetMethod("_onWeightsChanged"))
+        setup = widgetMethod("setup")
+        self.assertIn('modelComboBox.connect("currentIndexChanged(int)", self._onWeightsChanged)', setup)
+        self.assertIn('weightsPathLineEdit.connect("currentPathChanged(QString)", self._onWeightsChanged)', setup)
+
+    def test_the_job_gets_the_task_and_the_note_is_shown_after_the_run(self):
+        self.assertRegex(widgetMethod("_start"), r"\.job\((.|\n)*task=parameters\.segmentationTask")
+        self.assertIn("self._showDetection(job.detection, job.status.note)", widgetMethod("_onPoll"))
+        show = widgetMethod("_showDetection")
+        self.assertIn("self.ui.segmentationNoteLabel.text = note", show)
+        self.assertIn("self.ui.segmentationNoteLabel.visible = bool(note)", show)
+        self.assertIn("self.ui.segmentationNoteLabel.hide()", widgetMethod("_clearDetection"))
 
 
 class PackagingTest(unittest.TestCase):

@@ -32,7 +32,7 @@ class SlowPredictor:
         self.fail_after_batch = fail_after_batch
 
     def predict(self, volume: np.ndarray, *, batch_size: int = 8, progress: Any = None, should_cancel: Any = None,
-                degradation_override: str | None = None) -> Prediction:
+                degradation_override: str | None = None, task: str = "auto") -> Prediction:
         time.sleep(PRIOR_S)
         restored = np.empty(volume.shape, np.float32)
         labels = np.zeros(volume.shape, np.uint8)
@@ -47,7 +47,8 @@ class SlowPredictor:
             if self.fail_after_batch is not None:
                 self.fail_after_batch()
         segments = [SegmentClass(i + 1, name, key) for i, (key, name) in enumerate(CLASSES)]
-        detection = Detection("ACDC/MRI", 0.9, {"ACDC/MRI": 0.9}, "noise", 0.8, {"noise": 0.8}, False, segments)
+        detection = Detection("ACDC/MRI", 0.9, {"ACDC/MRI": 0.9}, "noise", 0.8, {"noise": 0.8}, False, segments,
+                              task="heart" if task == "auto" else task)
         return Prediction(restored, labels, detection)
 
 
