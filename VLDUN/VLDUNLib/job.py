@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -311,6 +311,17 @@ def content_stamp(node: slicer.vtkMRMLScalarVolumeNode) -> tuple[int, int]:
     return (image.GetMTime() if image is not None else 0, node.GetMTime())
 
 
+def in_memory(array: np.ndarray, chunk_bytes: int = 4 << 20) -> Generator[None, None, np.ndarray]:
+    """Generator: copy `array` (a worker's memory-mapped result) into memory a few MB per step, so that no poll
+    waits for the disk; its return value is the copy."""
+    copy = np.empty(array.shape, array.dtype)
+    step = max(1, chunk_bytes // max(1, array[:1].nbytes))
+    for start in range(0, len(array), step):
+        copy[start : start + step] = array[start : start + step]
+        yield
+    return copy
+
+
 def _read_only(array: np.ndarray) -> np.ndarray:
     """The input's voxels as the model sees them: a view that cannot write into the input node."""
     view = array.view()
@@ -443,25 +454,28 @@ class VLDUNJob:
         """
         inputVolume, outputVolume, outputSegmentation = self.nodes
         self._check_scene()
-        image = mrml.volume_image(mrml.slices_to_volume(prediction.restored, self._axis), inputVolume)
+        restored = yield from in_memory(prediction.restored)
+        labels = yield from in_memory(prediction.labels)
+        image = mrml.volume_image(mrml.slices_to_volume(restored, self._axis), inputVolume)
         yield
-        staged = self._staged_segmentation(prediction)
+        window = mrml.display_range(restored)
+        yield
+        staged = self._staged_segmentation(labels, prediction.detection)
         yield
         self._check_scene()
         with mrml.outputs_restored_on_failure(outputVolume, outputSegmentation):
-            mrml.commit_scalar_volume(outputVolume, image, inputVolume)
+            mrml.commit_scalar_volume(outputVolume, image, inputVolume, window)
             if staged is not None:
                 mrml.commit_segmentation(outputSegmentation, staged, inputVolume)
         self.detection = prediction.detection
         self.status.note = segmentation_note(prediction.detection)
 
-    def _staged_segmentation(self, prediction: Prediction) -> slicer.vtkSegmentation | None:
+    def _staged_segmentation(self, labels: np.ndarray, detection: Detection) -> slicer.vtkSegmentation | None:
         """The segments to commit, off the scene; None when the model segmented nothing (no empty segmentation)."""
-        if not prediction.detection.segments:
+        if not detection.segments:
             return None
-        segments = [_segment_spec(segment) for segment in prediction.detection.segments]
-        labels = mrml.slices_to_volume(np.asarray(prediction.labels), self._axis)
-        return mrml.build_segmentation(labels, self.nodes[0], segments, surfaces=False)
+        segments = [_segment_spec(segment) for segment in detection.segments]
+        return mrml.build_segmentation(mrml.slices_to_volume(labels, self._axis), self.nodes[0], segments, surfaces=False)
 
     def _check_scene(self) -> None:
         """Nodes removed, the input edited or segments finished while the model ran: write nothing rather than

@@ -109,18 +109,41 @@ def volume_image(array: np.ndarray, reference: slicer.vtkMRMLVolumeNode) -> vtk.
     return _image_from_array(array, vtk.vtkImageData())
 
 
+def display_range(array: np.ndarray, samples: int = 1 << 16) -> tuple[float, float]:
+    """The 0.1-99.9 percentile range of `array`'s finite values, from an even subsample of about `samples` voxels.
+
+    It is the window Slicer's automatic window/level picks; computed while staging, it spares the commit the
+    display node's histogram of every voxel (60-80 ms for 100 x 256 x 256, in one GUI-thread step).
+    """
+    flat = array.reshape(-1)
+    sample = flat[:: max(1, flat.size // samples)]
+    sample = sample[np.isfinite(sample)]
+    if not sample.size:
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(sample, [0.1, 99.9]))
+    return low, high if high > low else low + 1.0
+
+
 def commit_scalar_volume(
-    node: slicer.vtkMRMLScalarVolumeNode, image: vtk.vtkImageData, reference: slicer.vtkMRMLVolumeNode
+    node: slicer.vtkMRMLScalarVolumeNode,
+    image: vtk.vtkImageData,
+    reference: slicer.vtkMRMLVolumeNode,
+    window: tuple[float, float] | None = None,
 ) -> None:
-    """Give `node` the image from `volume_image` and exactly `reference`'s geometry.
+    """Give `node` the image from `volume_image` and exactly `reference`'s geometry; with `window` (from
+    `display_range`), show it with that fixed window instead of the display's automatic one.
 
     The image is a new object, so the previous one stays valid for `outputs_restored_on_failure`.
     """
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    if window is not None:
+        display = node.GetDisplayNode()
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(*window)
     node.SetAndObserveImageData(image)
     apply_geometry(node, volume_geometry(reference))
     _follow_reference(node, reference)
-    if node.GetDisplayNode() is None:
-        node.CreateDefaultDisplayNodes()
 
 
 def write_scalar_volume(
@@ -154,9 +177,10 @@ def _check_labels(labels: np.ndarray, segments: Sequence[SegmentSpec]) -> None:
     declared = [spec.label for spec in segments]
     if len(set(declared)) != len(declared) or not all(1 <= v <= 255 for v in declared):
         raise ValueError(f"Segment label values must be distinct and in 1..255, got {declared}.")
-    present = set(np.flatnonzero(np.bincount(labels.ravel(), minlength=256)).tolist()) - {0}
-    missing = sorted(present - set(declared))
-    if missing:
+    undeclared = np.ones(256, bool)
+    undeclared[[0, *declared]] = False
+    if undeclared[labels].any():  # a table lookup: a count of all values took 160 ms for 155 x 240 x 240
+        missing = sorted(set(np.unique(labels).tolist()) - {0, *declared})
         raise ValueError(
             f"Label values {missing} occur in the labels but no segment was given for them; "
             "add a SegmentSpec per value."
@@ -221,10 +245,14 @@ def add_surfaces(segmentation: slicer.vtkSegmentation) -> None:
 def commit_segmentation(
     node: slicer.vtkMRMLSegmentationNode, staged: slicer.vtkSegmentation, reference: slicer.vtkMRMLScalarVolumeNode
 ) -> None:
-    """Replace all segments of `node` by those of `staged` (from `build_segmentation`), on `reference`'s geometry."""
+    """Replace all segments of `node` by those of `staged` (from `build_segmentation`), on `reference`'s geometry.
+
+    `staged` becomes the node's segmentation object: a pointer swap, where copying into the old object took
+    about 90 ms for 100 x 256 x 256 voxels (removing its segments), in one GUI-thread step.
+    """
     modifying = node.StartModify()
     _follow_reference(node, reference)
-    node.GetSegmentation().DeepCopy(staged)
+    node.SetAndObserveSegmentation(staged)
     node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
@@ -250,6 +278,8 @@ def outputs_restored_on_failure(
 ) -> Iterator[None]:
     """Both outputs are written, or both get their previous content back and the error propagates."""
     image, geometry, volume_transform = volume.GetImageData(), volume_geometry(volume), volume.GetTransformNodeID()
+    display = volume.GetDisplayNode()
+    shown = (display.GetAutoWindowLevel(), display.GetWindow(), display.GetLevel()) if display else None
     segments = slicer.vtkSegmentation()
     segments.DeepCopy(segmentation.GetSegmentation())
     role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
@@ -260,6 +290,9 @@ def outputs_restored_on_failure(
         volume.SetAndObserveImageData(image)
         apply_geometry(volume, geometry)
         volume.SetAndObserveTransformNodeID(volume_transform)
+        if display is not None:
+            display.SetWindowLevel(shown[1], shown[2])
+            display.SetAutoWindowLevel(shown[0])
         segmentation.SetAndObserveTransformNodeID(segmentation_transform)
         segmentation.GetSegmentation().DeepCopy(segments)
         segmentation.SetNodeReferenceID(role, reference_id)

@@ -85,6 +85,9 @@ def test_no_poll_blocks_during_a_whole_run(scene: Any, nodes: tuple[Any, Any, An
     np.testing.assert_allclose(slicer.util.arrayFromVolume(restored), slicer.util.arrayFromVolume(source) * 0.5)
     assert [s[1] for s in segment_summary(segmentation)] == job.detection.segment_names
     assert job.compute.directory.exists() is False
+    display = restored.GetDisplayNode()  # the window was staged, so the commit computed no histogram
+    low, high = mrml.display_range(slicer.util.arrayFromVolume(restored))
+    assert not display.GetAutoWindowLevel() and display.GetWindow() == pytest.approx(high - low)
 
 
 def test_real_model_run_keeps_every_poll_short(scene: Any, nodes: tuple[Any, Any, Any]) -> None:

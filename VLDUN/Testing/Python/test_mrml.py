@@ -265,3 +265,35 @@ def test_vtk_errors_are_caught(vtk_errors: list[str]) -> None:
     slicer.vtkSegmentation().AddSegment(None)
     assert any("Invalid segment" in message for message in vtk_errors)
     vtk_errors.clear()
+
+
+def test_display_range_is_the_percentile_window_of_the_finite_values() -> None:
+    values = np.random.default_rng(0).normal(100.0, 20.0, (40, 64, 64)).astype(np.float32)
+    values[0, 0, :5] = np.nan
+    low, high = mrml.display_range(values)
+    expected = np.percentile(values[np.isfinite(values)], [0.1, 99.9])
+    assert abs(low - expected[0]) < 3 and abs(high - expected[1]) < 3
+    assert mrml.display_range(np.full((2, 4, 4), 7.0)) == (7.0, 8.0)
+    assert mrml.display_range(np.full((2, 4, 4), np.nan)) == (0.0, 1.0)
+
+
+def test_a_staged_window_is_shown_without_the_automatic_one(scene: Any, add_volume: Any) -> None:
+    reference = add_volume(ramp((6, 30, 28)))
+    restored = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    mrml.commit_scalar_volume(restored, mrml.volume_image(ramp((6, 30, 28)), reference), reference, (10.0, 110.0))
+    display = restored.GetDisplayNode()
+    assert not display.GetAutoWindowLevel()
+    assert (display.GetWindow(), display.GetLevel()) == pytest.approx((100.0, 60.0))
+
+
+def test_a_failed_write_restores_the_window_too(scene: Any, add_volume: Any) -> None:
+    reference = add_volume(ramp((6, 30, 28)))
+    restored = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    mrml.write_scalar_volume(restored, ramp((6, 30, 28)), reference)
+    display = restored.GetDisplayNode()
+    before = (display.GetAutoWindowLevel(), display.GetWindow(), display.GetLevel())
+    with pytest.raises(RuntimeError), mrml.outputs_restored_on_failure(restored, segmentation):
+        mrml.commit_scalar_volume(restored, mrml.volume_image(ramp((6, 30, 28)), reference), reference, (0.0, 1.0))
+        raise RuntimeError("disk full")
+    assert (display.GetAutoWindowLevel(), display.GetWindow(), display.GetLevel()) == pytest.approx(before)
