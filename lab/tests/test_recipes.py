@@ -70,7 +70,7 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_smoke_recipe_is_the_shipped_recipe_but_for_its_length() -> None:
     full, smoke = (load_run_config(RECIPES / name, cuda=False) for name in ("vldun_compact.yaml", "vldun_compact_smoke.yaml"))
     differ = {k for k in vars(full) if getattr(full, k) != getattr(smoke, k)}
-    assert differ == {"out", "patch", "prior", "joint", "checkpoint_every", "threads", "gpu"}
+    assert differ == {"out", "patch", "prior", "joint", "checkpoint_every", "gpu"}
     assert [Path(d).name for d in full.data] == list(STAND_INS)
 
 
