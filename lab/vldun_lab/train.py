@@ -11,9 +11,14 @@ one forward pass and one set of features for all anatomy, and no per-dataset par
 dataset (one abdominal CT) could not train; at inference the detected modality selects the dataset's
 classes. Classes absent from a sample's dataset are masked out, never taught as background.
 
+Clean samples (`clean_fraction`) are the "none" degradation class of stage 1 and identity targets of stage 2, so
+the model can say that a scan needs no restoration, and leaves it as it is.
+
 Reproducibility: every random draw of step s (batch indices, degradations) comes from a generator
 seeded by (seed, stage, s, rank), and checkpoints hold the model, the optimizer state and the step,
-so a resumed run continues exactly as an uninterrupted one. Multi-GPU runs use `torchrun`
+so a resumed run continues exactly as an uninterrupted one, on this or another machine of the same kind
+(`--session-minutes` pauses at a checkpoint; a resume with other settings is refused). Each checkpoint and
+the export record every session's machine, code commit and wall time. Multi-GPU runs use `torchrun`
 (DistributedDataParallel); each rank draws its own batches (tested with two CPU ranks over gloo).
 
 Data: dataset folders in the nnU-Net layout, or one file made from them by `vldun prepare` (prepared.py),
