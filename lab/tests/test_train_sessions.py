@@ -50,6 +50,10 @@ def test_a_session_that_runs_out_pauses_and_its_resume_equals_an_uninterrupted_r
     assert len(sessions) == 5  # one step per session, and a stage's last step runs on into the next stage
     assert all(s["machine"] and s["code"] and s["seconds"] >= 0 for s in sessions)
     assert sessions[0]["from"] == ["prior", 0] and sessions[-1]["to"] == ["joint", 4]
+    table = (tmp_path / "run" / "provenance.md").read_text().splitlines()
+    assert table[0] == "Trained by `vldun train run.yaml` in 5 session(s):"
+    assert [row.split(" | ")[3:5] for row in table[4:9]] == [
+        ["prior 0", "prior 1"], ["prior 1", "joint 1"], ["joint 1", "joint 2"], ["joint 2", "joint 3"], ["joint 3", "joint 4"]]
 
 
 def test_a_resume_with_changed_settings_is_refused_naming_them(data: list[Path], tmp_path: Path) -> None:  # noqa: F811

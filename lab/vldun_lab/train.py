@@ -459,6 +459,17 @@ def code_version() -> str:
         return "unknown"
 
 
+def provenance_table(recipe: str, sessions: list[dict[str, Any]]) -> str:
+    """Markdown for the model card: each session of the run, where it started and ended, on what and with which code."""
+    lines = [f"Trained by `vldun train {recipe}` in {len(sessions)} session(s):", "",
+             "| started (UTC) | machine | code | from | to | minutes |", "|---|---|---|---|---|---|"]
+    for s in sessions:
+        start, end = (f"{stage} {step}" for stage, step in (s["from"], s.get("to", s["from"])))
+        lines.append(f"| {s['started']} | {s['machine']} | {s['code']} | {start} | {end} | {s['seconds'] / 60:.1f} |")
+    total = sum(s["seconds"] for s in sessions) / 3600
+    return "\n".join([*lines, "", f"Total: {total:.2f} hours.", ""])
+
+
 class SessionOver(Exception):
     """The session's minutes are spent; the checkpoint just written continues the run (`--resume`)."""
 
@@ -698,6 +709,7 @@ class Trainer:
         path = self.out / "model.safetensors"
         if self.rank == 0:
             save_weights(self.model, info, path)
+            (self.out / "provenance.md").write_text(provenance_table(self.recipe, self.sessions))
         return path
 
     @torch.no_grad()
