@@ -303,7 +303,7 @@ def degrade_or_keep(
 
     Nothing is drawn for the choice when `clean_fraction` is 0, so runs without clean samples draw as before."""
     if clean_fraction > 0 and torch.rand((), generator=generator).item() < clean_fraction:
-        return Degraded(x.clone(), CLEAN)
+        return Degraded(x, CLEAN)  # callers copy it into their batch
     return random_degradation(x, kind, generator, primitives=primitives, balanced=balanced)
 
 
