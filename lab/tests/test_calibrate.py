@@ -48,3 +48,66 @@ def test_the_statistics_are_written_into_the_json_and_the_tensors_stay(small_set
 def test_unseen_sets_are_volumes_with_contrast():
     for name, volume in natural(slices=2)[:3] + noise(3) + checkerboard():
         assert volume.ndim == 3 and np.ptp(volume) > 0, name
+
+
+def _write_inv3(path, volume: np.ndarray, spacing) -> None:
+    """An InVesalius project as InVesalius writes one: a gzipped tar of a folder with main.plist and the raw matrix."""
+    import io
+    import plistlib
+    import tarfile
+
+    main = {"matrix": {"dtype": str(volume.dtype), "filename": "matrix.dat", "shape": list(volume.shape)},
+            "modality": "CT", "spacing": list(spacing)}
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in (("main.plist", plistlib.dumps(main)), ("matrix.dat", volume.tobytes())):
+            entry = tarfile.TarInfo(f"tmpabc/{name}")
+            entry.size = len(data)
+            archive.addfile(entry, io.BytesIO(data))
+
+
+def test_an_invesalius_project_is_read_with_its_values_and_spacing(tmp_path):
+    from vldun_lab.unseen import read_invesalius
+
+    volume = (np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5) - 1024)
+    _write_inv3(tmp_path / "head.inv3", volume, (0.5, 0.5, 1.5))
+    read, spacing = read_invesalius(tmp_path / "head.inv3")
+    assert read.dtype == np.float32 and np.array_equal(read, volume) and spacing == (0.5, 0.5, 1.5)
+
+
+def test_the_shipped_head_ct_is_read_in_hounsfield_units():
+    from vldun_lab.unseen import INVESALIUS_CRANIUM, head_ct
+
+    if not INVESALIUS_CRANIUM.exists():
+        pytest.skip("Debian's invesalius-examples is not installed (apt install invesalius-examples)")
+    volume = head_ct()
+    assert volume.shape == (108, 256, 256) and volume.min() == -1024 and volume.max() > 2000  # air, bone
+
+
+def test_real_unseen_scans_come_shipped_and_degraded():
+    from vldun_lab.unseen import as_shipped_and_degraded
+
+    volume = np.random.default_rng(0).normal(100, 20, (4, 48, 48)).astype(np.float32)
+    (_, shipped), (degraded_name, degraded) = as_shipped_and_degraded("scan", volume, "CT")
+    assert shipped is volume and degraded_name == "scan (degraded)" and degraded.shape == volume.shape
+    from VLDUNLib.intensity import fit_window, normalize, to_unit_range
+
+    unit = to_unit_range(normalize(volume, fit_window(volume)))
+    assert np.isfinite(degraded).all() and 0.01 < np.abs(degraded - unit).mean() < 0.5  # degraded, still the scan
+
+
+def test_tumour_on_a_healthy_brain_is_counted_with_the_task_forced_and_as_auto_routes_it():
+    from model_factory import two_task_predictor
+    from vldun_lab.unseen import healthy_brain_tumour_ml
+
+    volume = np.random.default_rng(1).normal(100, 20, (6, 40, 40)).astype(np.float32)
+    voxel_ml = 0.002
+    for threshold in (0.0, 2.0):  # 2.0 flags every scan unknown: auto leaves it unsegmented
+        predictor = two_task_predictor(ood_threshold=threshold)
+        forced = predictor.predict(volume, task="brain_tumour")
+        expected = float(np.isin(forced.labels, [s.label for s in forced.detection.segments]).sum()) * voxel_ml
+        found = healthy_brain_tumour_ml(predictor, volume, voxel_ml)
+        assert found["tumour_ml"]["brain_tumour"] == pytest.approx(expected) and expected > 0
+        routed = predictor.predict(volume).detection.task
+        assert found["auto_task"] == routed
+        assert found["tumour_ml"]["auto"] == (expected if routed == "brain_tumour" else 0.0)
+    assert found["unknown"] and found["auto_task"] is None

@@ -202,3 +202,35 @@ def test_a_dataset_labelled_with_whole_tumour_alone_averages_it():
 
     assert mean_classes({"whole_tumor": 0.6}) == ["whole_tumor"]
     assert mean_classes({"edema": 0.5, "enhancing": 0.2, "whole_tumor": 0.6}) == ["edema", "enhancing"]
+
+
+def test_tumour_on_tumour_free_slices_counts_only_slices_with_tissue_and_no_reference_tumour():
+    import numpy as np
+    import torch
+    from vldun_lab.evaluate import tumour_free_slices
+
+    ref = np.zeros((4, 8, 8), np.uint8)
+    ref[0, 2:4, 2:4] = 1  # slice 0 has tumour: not counted
+    pred = np.zeros_like(ref)
+    pred[0, :, :] = 2
+    pred[1, 0, :3] = 4  # 3 voxels of tumour on a tumour-free slice
+    clean = torch.ones(4, 1, 8, 8)
+    clean[3] = 0  # slice 3 is empty (outside the head): not counted
+    found = tumour_free_slices(pred, ref, clean, voxel_ml=0.5)
+    assert found == {"slices": 2, "with_tumour": 0.5, "tumour_ml": 1.5}
+
+
+def test_a_voxel_keeps_its_volume_in_ml_after_the_protocol_resizes_the_slices():
+    from vldun_lab.datasets import voxel_volume_ml
+    from vldun_lab.evaluate import scaled_voxel_ml
+
+    case = read_dataset(DATA / "Dataset007_BraTS2018").cases[0]
+    native = voxel_volume_ml(case)
+    assert native == pytest.approx(0.001)  # BraTS: 1 mm isotropic
+    assert scaled_voxel_ml(case, (240, 240), (48, 48)) == pytest.approx(0.025)
+
+
+def test_the_table_reports_detection_clean_restoration_and_tumour_free_slices(report):
+    out, _ = report
+    table = (out / "table.md").read_text()
+    assert "Detection and specificity" in table and "clean slice restored PSNR" in table

@@ -23,6 +23,7 @@ import torch
 from VLDUNLib.inference import VolumePredictor, prior_slice_indices
 from VLDUNLib.intensity import fit_window, normalize, to_unit_range
 from VLDUNLib.ood import MahalanobisOOD, fit_mahalanobis
+from VLDUNLib.predict import write_json
 from VLDUNLib.weights import DEFAULT_WEIGHTS, rewrite_info
 
 from .datasets import CaseLike, DatasetInfo, load_case, read_datasets
@@ -138,14 +139,37 @@ def calibrate_command(args: Namespace) -> dict[str, object]:
     print(f"threshold {ood.threshold:.3f} (quantile {args.quantile} of the validation scans x {args.margin})")
     for group, entry in report["false_alarms"].items():
         print(f"  {group}: {entry['flagged']:.1%} of {entry['scans']} flagged")
+    predictor.info.ood = ood  # the predictions of the healthy-brain check use the new statistics
     if args.unseen:
-        report["unseen"] = unseen_flag_rates(predictor, ood)
-        for name, entry in report["unseen"].items():
-            print(f"  unseen {name}: {entry['flagged']:.1%} of {entry['scans']} flagged"
-                  + (f" (passed: {', '.join(entry['passed'])})" if entry["passed"] else ""))
+        report.update(unseen_report(predictor, ood))
     if args.write:
-        predictor.info.ood = ood
         print(f"Wrote the statistics into {rewrite_info(weights, predictor.info)}")
+    if args.json:
+        write_json(report, Path(args.json))
+    return report
+
+
+def unseen_report(predictor: VolumePredictor, ood: MahalanobisOOD) -> dict[str, object]:
+    """Print and return the unseen sets' flag rates and the tumour labelled on healthy brains (with `ood` in use)."""
+    from .unseen import (
+        PACKAGES,
+        healthy_brain_tumour_ml,
+        healthy_brains,
+        missing_packages,
+    )
+
+    report: dict[str, object] = {"unseen": unseen_flag_rates(predictor, ood)}
+    for name, entry in report["unseen"].items():
+        print(f"  unseen {name}: {entry['flagged']:.1%} of {entry['scans']} flagged"
+              + (f" (passed: {', '.join(entry['passed'])})" if entry["passed"] else ""))
+    if missing := missing_packages():
+        print(f"  left out (not installed): {', '.join(missing)}; `apt install {' '.join(PACKAGES)}` adds their sets")
+    report["missing_packages"] = missing
+    report["healthy_brain_tumour"] = {}
+    for name, (volume, voxel_ml) in healthy_brains().items():
+        entry = report["healthy_brain_tumour"][name] = healthy_brain_tumour_ml(predictor, volume, voxel_ml)
+        print(f"  tumour on healthy {name}: {entry['tumour_ml']['brain_tumour']:.1f} mL with the brain-tumour task, "
+              f"{entry['tumour_ml']['auto']:.1f} mL with task auto (routed to {entry['auto_task']})")
     return report
 
 

@@ -129,6 +129,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--center-fraction", type=float, default=0.08)
     p.add_argument("--spokes", type=int, default=60)
     p.add_argument("--write", action="store_true", help="store the statistics in the weights' JSON (tensors unchanged)")
+    p.add_argument("--json", default=None, help="also write every figure printed to this JSON file")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_calibrate_ood)
 

@@ -495,5 +495,13 @@ def load_case(case: CaseLike, channel: int = 0) -> tuple[np.ndarray, np.ndarray 
     return image[selection], (label[selection] if label is not None else None)
 
 
+def voxel_volume_ml(case: CaseLike) -> float:
+    """The volume of one voxel of the case's first image, in mL, from its header."""
+    header = _read_header(_as_case(case)[0].images[0])
+    if isinstance(header, str):
+        raise ValueError(header)  # noqa: TRY004 (an unreadable file, not a wrong type)
+    return float(np.prod(header.spacing[:3])) / 1000.0
+
+
 # ------------------------------------------------------------------------------------------------------ split
 

@@ -51,10 +51,18 @@ from VLDUNLib.metrics import dice, iou, mean_defined, psnr, ssim
 from VLDUNLib.weights import DEFAULT_WEIGHTS
 
 from . import baseline  # noqa: F401 (registers architecture "unet")
-from .datasets import Case, CaseLike, DatasetInfo, SliceRef, load_case, read_datasets
+from .datasets import (
+    Case,
+    CaseLike,
+    DatasetInfo,
+    SliceRef,
+    load_case,
+    read_datasets,
+    voxel_volume_ml,
+)
 from .splits import _num_slices
 
-TUMOUR_CLASSES = {"necrosis", "edema", "non_enhancing", "enhancing"}
+TUMOUR_CLASSES = {"necrosis", "edema", "non_enhancing", "enhancing", "whole_tumor"}
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,7 @@ class Evaluator:
         if logits and reference is not None and dataset.short_name in self.info.dataset_classes:
             result["labels"] = self.dataset_labels(torch.cat(logits), dataset.short_name)
             result["reference"] = reference
+        result["voxel_ml"] = scaled_voxel_ml(case, image.shape[1:], scaled.shape[1:])
         result["degradation_trials"] = self.degradation_trials(clean[rep], dataset.imaging, seed)
         result["clean_restored"] = self.clean_restoration(clean[rep])
         return result
@@ -268,6 +277,23 @@ def slice_metrics(pred: torch.Tensor, clean: torch.Tensor, indices: list[int]) -
     return {"psnr": float(np.mean([v[0] for v in values])), "ssim": float(np.mean([v[1] for v in values]))}
 
 
+def scaled_voxel_ml(case: CaseLike, native: tuple[int, ...], scaled: tuple[int, ...]) -> float:
+    """A voxel's volume in mL at the evaluated in-plane size: the file's voxel, times the resizing's area factor."""
+    return voxel_volume_ml(case) * (native[0] * native[1]) / (scaled[0] * scaled[1])
+
+
+def tumour_free_slices(pred: np.ndarray, ref: np.ndarray, clean: torch.Tensor, voxel_ml: float) -> dict[str, float]:
+    """Specificity on healthy tissue: tumour labelled on the slices whose reference has none (and that show tissue).
+
+    Returns how many such slices there are, the share of them given any tumour voxel, and the tumour mL labelled
+    on them in all.
+    """
+    free = [i for i in range(len(ref)) if not ref[i].any() and clean[i].max() > 0]
+    labelled = [int((pred[i] > 0).sum()) for i in free]
+    return {"slices": len(free), "with_tumour": float(np.mean([n > 0 for n in labelled])) if free else None,
+            "tumour_ml": float(sum(labelled)) * voxel_ml}
+
+
 def summarise_case(result: dict[str, Any], class_names: dict[int, str]) -> dict[str, Any]:
     det = result["detection"]
     row: dict[str, Any] = {
@@ -284,6 +310,8 @@ def summarise_case(result: dict[str, Any], class_names: dict[int, str]) -> dict[
         row["dice"] = {name: dice(pred, ref, value) for value, name in class_names.items()}
         row["iou"] = {name: iou(pred, ref, value) for value, name in class_names.items()}
         if TUMOUR_CLASSES & set(class_names.values()):
+            row["tumour_free"] = tumour_free_slices(pred, ref, result["clean"], result["voxel_ml"])
+        if TUMOUR_CLASSES & set(class_names.values()) and "whole_tumor" not in class_names.values():
             row["dice"]["whole_tumor"] = dice((pred > 0).astype(np.uint8), (ref > 0).astype(np.uint8), 1)
     return row
 
@@ -334,6 +362,12 @@ def aggregate(rows: list[dict[str, Any]], cases: int, modalities: tuple[str, ...
         out["model"]["dice_mean"] = mean_defined([out["model"]["dice"][n] for n in names])
         out["model"]["iou_mean"] = mean_defined([out["model"]["iou"][n] for n in names])
     out["clean_restored"] = {k: mean_defined([r["clean_restored"].get(k) for r in rows]) for k in ("psnr", "ssim")}
+    if free := [r["tumour_free"] for r in rows if "tumour_free" in r]:
+        slices = sum(f["slices"] for f in free)
+        out["tumour_free"] = {
+            "slices": slices, "tumour_ml": sum(f["tumour_ml"] for f in free),
+            "with_tumour": sum(f["with_tumour"] * f["slices"] for f in free if f["slices"]) / slices if slices else None,
+        }
     known = has_prior and all(r["truth"] in modalities for r in rows)
     out["modality_accuracy"] = mean_defined([float(r["modality_correct"]) for r in rows]) if known else None
     out["ood_fraction"] = mean_defined([float(r["ood"]) for r in rows]) if has_prior else None
@@ -422,6 +456,22 @@ def degradation_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def trust_table(report: dict[str, Any]) -> str:
+    """Per dataset, what the model knows about itself: detection accuracy, scans flagged unknown (false alarms:
+    every dataset here is a training one), clean slices restored against themselves, tumour on tumour-free slices."""
+    lines = ["", "Detection and specificity:", "",
+             ("| Dataset | modality right | degradation right | flagged unknown | clean slice restored PSNR (dB) "
+              "| tumour-free slices given tumour | tumour on them (mL) |"), "|---|---|---|---|---|---|---|"]
+    for name, entry in report["datasets"].items():
+        free = entry.get("tumour_free") or {}
+        cells = [fmt(entry.get("modality_accuracy"), 3), fmt(entry.get("degradation_accuracy"), 3),
+                 fmt(entry.get("ood_fraction"), 3), fmt(entry.get("clean_restored", {}).get("psnr"), 2),
+                 (f"{fmt(free.get('with_tumour'), 3)} of {free['slices']}" if free else "-"),
+                 fmt(free.get("tumour_ml"), 1)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def confusion_cell(detected: dict[str, int], truth: str) -> str:
     if not detected:
         return "-"
@@ -504,7 +554,8 @@ def write_report(
             report["datasets"][d.name]["baseline"] = peer.evaluate(d, max_cases, None)["model"]
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     write_case_table(out / "cases.csv", evaluator.case_rows)
-    text = markdown_table(report) + (comparison(report) if baseline is not None else "") + degradation_table(report)
+    text = (markdown_table(report) + (comparison(report) if baseline is not None else "") + trust_table(report)
+            + degradation_table(report))
     (out / "table.md").write_text(f"Protocol: {protocol.describe()}\n\nWeights: {weights_name}"
                                   f"{MIRROR_NOTE if predictor.mirror else ''}\n\n" + text)
     print(text)
