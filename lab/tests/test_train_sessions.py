@@ -151,3 +151,21 @@ def test_a_setting_added_since_the_checkpoint_counts_as_unchanged_at_its_default
     with pytest.raises(ValueError, match="calibrate_ood changed"):
         train.check_resumable({"run": recorded}, train.RunConfig(data=["x"], out=str(tmp_path), calibrate_ood=True),
                               tmp_path)
+
+
+def test_a_checkpoint_exports_as_interim_weights_without_touching_the_run(
+    data: list[Path], tmp_path: Path  # noqa: F811
+) -> None:
+    config = write_config(tmp_path, clean_settings(data, tmp_path / "run"))
+    train_from_file(config, session_minutes=1e-9)
+    while json.loads((tmp_path / "run" / "checkpoint.json").read_text())["stage"] != "joint":
+        train_from_file(config, resume=True, session_minutes=1e-9)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    weights = train_from_file(config, export_checkpoint=tmp_path / "interim.safetensors")
+    from VLDUNLib.weights import load_model
+
+    model, info = load_model(weights)
+    checkpoint = tensors(tmp_path / "run", "checkpoint.safetensors")
+    assert all(torch.equal(v, checkpoint[f"model.{k}"]) for k, v in model.state_dict().items())
+    assert info.extra["interim"] == {"stage": "joint", "step": 1, "of": 4} and len(info.extra["sessions"]) == 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before  # no model.safetensors, no provenance

@@ -34,7 +34,8 @@ def _complexity(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .train import train_from_file
 
-    train_from_file(Path(args.config), resume=args.resume, out=args.out, session_minutes=args.session_minutes)
+    train_from_file(Path(args.config), resume=args.resume, out=args.out, session_minutes=args.session_minutes,
+                    export_checkpoint=args.export_checkpoint)
     return 0
 
 
@@ -91,6 +92,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="run folder instead of the config's `out:`")
     p.add_argument("--session-minutes", type=float, default=None,
                    help="checkpoint and stop after this many minutes; --resume continues exactly where it stopped")
+    p.add_argument("--export-checkpoint", default=None, metavar="WEIGHTS",
+                   help="train nothing: write the run's latest checkpoint as interim weights (.safetensors) to "
+                        "evaluate while the run goes on")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("prepare", help="write a run's training and validation slices to one .vldun file")

@@ -688,7 +688,9 @@ class Trainer:
                 raise SessionOver(f"stage {stage}, step {step + 1} of {cfg.steps}")
         self.model.eval()
 
-    def export(self) -> Path:
+    def export(self, path: Path | None = None, interim: dict[str, Any] | None = None) -> Path:
+        """The model as weights (safetensors + JSON) at `path` (default: the run's model.safetensors, with its
+        provenance.md); `interim` marks weights exported from a checkpoint of an unfinished run."""
         info = ModelInfo(
             config=self.config,
             classes=list(self.labels.keys),
@@ -704,13 +706,25 @@ class Trainer:
                 "training_cases": self.slices.training_cases,
                 "recipe": self.recipe,
                 "sessions": self.sessions,
+                **({"interim": interim} if interim else {}),
             },
         )
-        path = self.out / "model.safetensors"
+        final = path is None
+        path = self.out / "model.safetensors" if final else path
         if self.rank == 0:
             save_weights(self.model, info, path)
-            (self.out / "provenance.md").write_text(provenance_table(self.recipe, self.sessions))
+            if final:
+                (self.out / "provenance.md").write_text(provenance_table(self.recipe, self.sessions))
         return path
+
+    def export_checkpoint(self, path: Path) -> Path:
+        """The run's latest checkpoint as interim weights at `path`, to evaluate a run while it trains."""
+        state = load_checkpoint(self.out, self.model)
+        check_resumable(state, self.run, self.out)
+        self.sessions = list(state.get("sessions", []))
+        self.model.eval()
+        cfg = self.run.prior if state["stage"] == "prior" else self.run.joint
+        return self.export(path, interim={"stage": state["stage"], "step": state["step"], "of": cfg.steps})
 
     @torch.no_grad()
     def calibrate_ood_threshold(self, quantile: float = 0.02, margin: float = 0.8) -> float:
@@ -804,9 +818,17 @@ def load_optimizer(out: Path, optimizer: torch.optim.Optimizer) -> None:
 
 
 def train_from_file(path: Path, resume: bool = False, out: str | Path | None = None,
-                    session_minutes: float | None = None) -> Path | None:
-    """`vldun train`: the run of a config file; None when `session_minutes` ended it early (continue with resume)."""
+                    session_minutes: float | None = None, export_checkpoint: Path | None = None) -> Path | None:
+    """`vldun train`: the run of a config file; None when `session_minutes` ended it early (continue with resume).
+
+    With `export_checkpoint` it trains nothing: the run's latest checkpoint is written there as interim weights
+    (no unknown-scan statistics), for `vldun evaluate` while the run goes on.
+    """
     run = load_run_config(path, out)
+    if export_checkpoint is not None:
+        weights = Trainer(run, recipe=recipe_name(path)).export_checkpoint(Path(export_checkpoint))
+        print(f"Interim weights written to {weights}")
+        return weights
     weights = Trainer(run, session_minutes, recipe_name(path)).fit(resume)
     if weights is None:
         return None
