@@ -497,10 +497,9 @@ class VLDUNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showDetection(self, detection, note: str) -> None:
         """What the prior detected, and `note` (the job's status note) when the run wrote no segmentation."""
-        self.ui.modalityLabel.text = f"{detection.modality} ({detection.modality_probability:.0%})"
+        self.ui.modalityLabel.text = detection.modality_text
         self.ui.modalityLabel.toolTip = probabilityTable(detection.modality_probabilities)
-        degradation = detection.degradation.replace("_", " ")
-        self.ui.detectedDegradationLabel.text = f"{degradation} ({detection.degradation_probability:.0%})"
+        self.ui.detectedDegradationLabel.text = detection.degradation_text
         self.ui.detectedDegradationLabel.toolTip = probabilityTable(detection.degradation_probabilities)
         self.ui.outOfDistributionLabel.visible = detection.out_of_distribution
         self.ui.segmentationNoteLabel.text = note

@@ -18,6 +18,7 @@ from .degradations import undersample_mri
 from .inference import VolumePredictor
 from .intensity import fit_window, normalize, to_unit_range
 from .metrics import psnr, ssim
+from .results import degradation_text, modality_text
 from .weights import DEFAULT_WEIGHTS
 
 MNI_T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -129,9 +130,10 @@ def print_summary(summary: dict[str, object], out: Path, trained: bool) -> None:
     print(f"Weights:     {summary['weights']}")
     print(f"PSNR  input {summary['psnr_input']:.2f} dB -> restored {summary['psnr_restored']:.2f} dB")
     print(f"SSIM  input {summary['ssim_input']:.4f}  -> restored {summary['ssim_restored']:.4f}")
-    print(f"Detected modality:    {summary['detected_modality']} (p = {summary['modality_probability']:.2f})")
-    print(f"Detected degradation: {summary['detected_degradation']} (p = {summary['degradation_probability']:.2f})")
+    print("Detected modality:    " + modality_text(summary["detected_modality"], summary["modality_probability"],
+                                                   summary["out_of_distribution"]))
+    print(f"Detected degradation: {degradation_text(summary['detected_degradation'], summary['degradation_probability'])}")
     if summary["out_of_distribution"]:
-        print("Note: the scan is unlike the training data (low modality confidence); check the results with care.")
+        print("Note: the scan is unlike the training data; check the results with care.")
     print(f"Segments:    {', '.join(summary['segments'])}")
     print(f"Outputs in {out}/: clean, degraded, restored, segmentation (.nii.gz), montage.png, summary.json")

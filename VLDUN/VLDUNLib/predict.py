@@ -47,6 +47,7 @@ import torch
 from .geometry import slices_to_volume, through_plane_axis, volume_to_slices
 from .inference import VolumePredictor, resolve_device
 from .nifti import nifti_size_problem
+from .results import degradation_text, modality_text
 
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 OUTPUT_NAMES = ("restored", "segmentation")
@@ -327,11 +328,11 @@ def predict_volume(
 
 def report(label: str, path: Path, out: Path, detection: dict[str, object]) -> None:
     """The line printed for a finished case; `label` starts it (the cohort's "[3/40] ")."""
-    print(f"{label}{path.name}: {detection['modality']} (p={detection['modality_probability']:.2f}), "
-          f"{detection['degradation']} (p={detection['degradation_probability']:.2f}); "
-          f"{len(detection['segments'])} classes; outputs in {out}/")
+    modality = modality_text(detection["modality"], detection["modality_probability"], detection["out_of_distribution"])
+    degradation = degradation_text(detection["degradation"], detection["degradation_probability"])
+    print(f"{label}{path.name}: {modality}; {degradation}; {len(detection['segments'])} classes; outputs in {out}/")
     if detection["out_of_distribution"]:
-        print("Warning: the scan is unlike the training data; check the results with care.")
+        print("Warning: the scan is unlike the training data; check the restored volume with care.")
     if detection.get("segmentation_note"):
         print(f"Note: {detection['segmentation_note']}")
 

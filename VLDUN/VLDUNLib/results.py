@@ -16,6 +16,18 @@ class Cancelled(Exception):
     """The run was cancelled (between batches, or by stopping the worker); nothing was written."""
 
 
+def modality_text(modality: str, probability: float, unknown: bool) -> str:
+    """The detected modality as a person should read it. For a scan unlike the training data the prior's
+    probability says nothing (it always picks a training modality), so it is named unknown, with the nearest."""
+    if unknown:
+        return f"unknown scan, unlike the training data (nearest: {modality})"
+    return f"{modality} ({probability:.0%})"
+
+
+def degradation_text(degradation: str, probability: float) -> str:
+    return f"{degradation.replace('_', ' ')} ({probability:.0%})"
+
+
 @dataclass(frozen=True)
 class SegmentClass:
     label: int
@@ -53,6 +65,15 @@ class Detection:
     @property
     def segment_names(self) -> list[str]:
         return [s.name for s in self.segments]
+
+    @property
+    def modality_text(self) -> str:
+        """`modality_text`: what the panel and the command line show."""
+        return modality_text(self.modality, self.modality_probability, self.out_of_distribution)
+
+    @property
+    def degradation_text(self) -> str:
+        return degradation_text(self.degradation, self.degradation_probability)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
 from model_factory import tiny_predictor
 from VLDUNLib.cli import main
 from VLDUNLib.predict import find_inputs, predict_cohort, predict_file, slice_axis_of
@@ -218,3 +218,16 @@ def test_summary_has_the_task_and_note_columns(tmp_path, weights):
     main(["predict", str(folder), "--out", str(out), "--weights", str(weights), "--device", "cpu"])
     rows = summary(out)
     assert rows["case_a"]["task"] == "heart" and "segmentation_note" in rows["case_a"]
+
+
+def test_an_unknown_scan_is_reported_as_unknown_not_as_its_nearest_modality(capsys):
+    from VLDUNLib.predict import report
+    from VLDUNLib.results import Detection
+
+    detection = Detection("MRI · brain, FLAIR", 0.81, {}, "motion", 0.99, {}, True, [], "BraTS2015/FLAIR", 9.9)
+    report("", Path("head_ct.nii.gz"), Path("out"), detection.to_json())
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("head_ct.nii.gz: unknown scan, unlike the training data (nearest: MRI · brain, FLAIR);")
+    assert "81 %" not in first and "81%" not in first
+    detection.out_of_distribution = False
+    assert detection.modality_text == "MRI · brain, FLAIR (81%)" and detection.degradation_text == "motion (99%)"
