@@ -234,3 +234,18 @@ def test_the_table_reports_detection_clean_restoration_and_tumour_free_slices(re
     out, _ = report
     table = (out / "table.md").read_text()
     assert "Detection and specificity" in table and "clean slice restored PSNR" in table
+
+
+def test_modality_accuracy_counts_what_a_person_reads_and_the_key_accuracy_the_dataset():
+    from vldun_lab.evaluate import aggregate, summarise_case
+    from VLDUNLib.results import Detection
+
+    def row(detected_key: str, detected_name: str) -> dict:
+        detection = Detection(detected_name, 0.9, {}, "noise", 0.9, {}, False, [], detected_key)
+        result = {"detection": detection, "input": {"psnr": 1.0, "ssim": 0.5}, "truth": "BraTS2018/FLAIR",
+                  "truth_name": "MRI · brain, FLAIR", "degradation_trials": []}
+        return summarise_case(result, {})
+
+    rows = [row("BraTS2015/FLAIR", "MRI · brain, FLAIR"), row("BraTS2018/T1", "MRI · brain, T1")]
+    out = aggregate(rows, 2, ("BraTS2015/FLAIR", "BraTS2018/FLAIR", "BraTS2018/T1"), has_prior=True)
+    assert out["modality_accuracy"] == 0.5 and out["modality_key_accuracy"] == 0.0
