@@ -22,7 +22,7 @@ def test_the_threshold_flags_about_the_quantile_of_held_out_scans(small_sets):
     ood, validation = calibrate(predictor, small_sets, Protocol(size=0), quantile=0.8)
     assert set(ood.means) == {"COVID19CT/CT", "AbdomenCT/CT"} and ood.threshold > 0
     flagged = [ood.is_unknown(ood.score(v)) for v in validation.vectors]
-    assert 0 < np.mean(flagged) <= 0.25
+    assert 0 < np.mean(flagged) <= 0.2  # never more than 1 - quantile
     assert sum(e["scans"] for e in false_alarms(ood, validation).values()) == len(validation.vectors)
 
 

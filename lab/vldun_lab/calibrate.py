@@ -115,7 +115,9 @@ def calibrate(
         validation.extend(case_embeddings(predictor, dataset, held_out, protocol, clean=True))
     means, precision = fit_mahalanobis(np.stack(train.vectors), train.keys)
     scorer = MahalanobisOOD(means, precision, threshold=1.0)
-    threshold = margin * float(np.quantile([scorer.score(v) for v in validation.vectors], quantile))
+    # "higher": a validation score, so that at most 1 - quantile of them lie above it (interpolating between two
+    # scores flagged 5 of 94 scans, 5.3 %, at quantile 0.95)
+    threshold = margin * float(np.quantile([scorer.score(v) for v in validation.vectors], quantile, method="higher"))
     return MahalanobisOOD(means, precision, threshold), validation
 
 
