@@ -110,6 +110,7 @@ def run_demo(out: Path, weights: str | None = None, slices: int = 12) -> dict[st
         "degradation_probability": det.degradation_probability,
         "out_of_distribution": det.out_of_distribution,
         "segments": det.segment_names,
+        "segmentation_note": det.segmentation_note,
     }
     for name, array in (("clean", clean), ("degraded", degraded), ("restored", restored), ("segmentation", prediction.labels)):
         image = sitk.GetImageFromArray(array)
@@ -135,5 +136,5 @@ def print_summary(summary: dict[str, object], out: Path, trained: bool) -> None:
     print(f"Detected degradation: {degradation_text(summary['detected_degradation'], summary['degradation_probability'])}")
     if summary["out_of_distribution"]:
         print("Note: the scan is unlike the training data; check the results with care.")
-    print(f"Segments:    {', '.join(summary['segments'])}")
+    print(f"Segments:    {', '.join(summary['segments']) or summary['segmentation_note']}")
     print(f"Outputs in {out}/: clean, degraded, restored, segmentation (.nii.gz), montage.png, summary.json")
