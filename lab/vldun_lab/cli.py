@@ -1,4 +1,4 @@
-"""The lab's commands of `vldun` (train, prepare, evaluate, calibrate-ood, benchmark, complexity), registered as a plugin.
+"""The lab's commands of `vldun` (train, prepare, evaluate, calibrate-ood, ship, benchmark, complexity), registered as a plugin.
 
 `vldun` discovers this through the `vldun.plugins` entry point, so the product never imports the lab.
 """
@@ -59,6 +59,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_command
 
     evaluate_command(args)
+    return 0
+
+
+def _ship(args: argparse.Namespace) -> int:
+    from .ship import ship_command
+
+    ship_command(args)
     return 0
 
 
@@ -136,6 +143,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="also write every figure printed to this JSON file")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_calibrate_ood)
+
+    p = sub.add_parser("ship", help="make a finished recipe's weights the shipped model (checks where they came from)")
+    p.add_argument("weights", help="the run's model.safetensors, e.g. runs/vldun_compact/model.safetensors")
+    p.set_defaults(func=_ship)
 
     p = sub.add_parser("benchmark", help="speed and memory of each preset (and peers)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")

@@ -445,15 +445,16 @@ def machine() -> str:
 
 
 def code_version() -> str:
-    """The commit of the training code, "+changes" when its work tree differs; "unknown" outside git."""
-    folder = Path(__file__).resolve().parent
+    """The commit of the code that trains, "+changes" when the model, the lab or the recipes differ from it in the
+    work tree; "unknown" outside git."""
+    root = Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=30,
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30,
                               check=True).stdout.strip()
 
     try:
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "VLDUN/VLDUNLib", "lab/vldun_lab", "recipes")
         return git("rev-parse", "--short=12", "HEAD") + ("+changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
