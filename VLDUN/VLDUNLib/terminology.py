@@ -110,6 +110,9 @@ CLASS_TERMINOLOGY: dict[str, ClassTerminology] = {
     "BraTS2015/enhancing": ClassTerminology(
         "enhancing tumour", (255, 215, 0), ALTERED, Code("NCIt", "C113842", "Enhancing Lesion"), BRAIN
     ),
+    "BraTS2018/whole_tumor": ClassTerminology(
+        "tumour, sub-region not distinguished", (205, 92, 92), ALTERED, sct("108369006", "Neoplasm"), BRAIN
+    ),
     "COVID19CT/infection": ClassTerminology(
         "COVID-19 lung infection", (255, 140, 0), ALTERED, sct("52988006", "Lesion"), LUNG
     ),
@@ -118,7 +121,9 @@ CLASS_TERMINOLOGY: dict[str, ClassTerminology] = {
     "AbdomenCT/kidney": ClassTerminology("kidney", (185, 102, 83), ANATOMY, sct("64033007", "Kidney")),
 }
 """Colours: Slicer's GenericAnatomyColors (liver, spleen, kidney, necrosis, edema; the non-enhancing
-tumour takes its Neoplasm green) where they keep a dataset's classes apart. The ACDC structures, three
+tumour takes its Neoplasm green) where they keep a dataset's classes apart. BraTS 2018's labels mark the whole
+tumour without sub-regions; in the brain-tumour task that class sits beside BraTS 2015's four, so it is named
+for what it is there: tumour whose sub-region the model did not tell. The ACDC structures, three
 near-identical browns in Slicer, are blue, green and red; the enhancing tumour is gold."""
 
 _BY_CLASS_NAME = {key.split("/")[-1].lower(): term for key, term in CLASS_TERMINOLOGY.items()}

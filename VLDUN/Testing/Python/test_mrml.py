@@ -297,3 +297,12 @@ def test_a_failed_write_restores_the_window_too(scene: Any, add_volume: Any) -> 
         mrml.commit_scalar_volume(restored, mrml.volume_image(ramp((6, 30, 28)), reference), reference, (0.0, 1.0))
         raise RuntimeError("disk full")
     assert (display.GetAutoWindowLevel(), display.GetWindow(), display.GetLevel()) == pytest.approx(before)
+
+
+def test_every_class_of_the_recipe_datasets_has_its_terminology() -> None:
+    """The recipe trains on the five developer datasets; each class is named and coded, none by the fallback."""
+    classes = ["ACDC/RV", "ACDC/MYO", "ACDC/LV", "BraTS2015/necrosis", "BraTS2015/edema", "BraTS2015/non_enhancing",
+               "BraTS2015/enhancing", "COVID19CT/infection", "AbdomenCT/liver", "AbdomenCT/spleen", "AbdomenCT/kidney",
+               "BraTS2018/whole_tumor"]
+    assert all(terminology.segment_style(key, 0)[2] != terminology.DEFAULT_ENTRY for key in classes)
+    assert terminology.display_name("BraTS2018/whole_tumor") == "tumour, sub-region not distinguished"
