@@ -158,9 +158,11 @@ class VolumePredictor:
         return tensor[:, None].to(self.device)
 
     def rescales(self, height: int, width: int) -> bool:
-        """Whether slices of this size are segmented in a second pass at the training scale."""
+        """Whether slices of this size are segmented in a second pass at the training scale (not for a model that
+        learned to segment at the scans' own size, `ModelInfo.segment_native`)."""
         size = self.info.train_size
-        return self.model.config.seg_head and size is not None and max(height, width) != size
+        native = self.info.segment_native
+        return self.model.config.seg_head and not native and size is not None and max(height, width) != size
 
     def forward_slices(
         self, batch: torch.Tensor, prior: ScanPrior | None

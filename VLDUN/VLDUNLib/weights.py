@@ -63,6 +63,9 @@ class ModelInfo:
     """Task id -> its classes, e.g. "heart"; empty: derived from `dataset_classes`."""
     ood: MahalanobisOOD | None = None
     """Unknown-scan statistics of the prior's embedding (`vldun calibrate-ood`); None: `ood_threshold` is used."""
+    segment_native: bool = False
+    """The segmentation head learned on tiles at the scans' own pixel size too, so inference segments each slice
+    at its own size in the restoring pass; False: at `train_size`, in a second pass."""
 
     def __post_init__(self) -> None:
         self.modality_names = {**default_modality_names(self.config.modalities), **self.modality_names}
@@ -85,6 +88,7 @@ class ModelInfo:
             "modality_names": self.modality_names,
             "tasks": {k: t.to_dict() for k, t in self.tasks.items()},
             "ood": self.ood.to_dict() if self.ood else None,
+            "segment_native": self.segment_native,
             "extra": self.extra,
         }
         meta["config_sha256"] = config_sha256(meta)
@@ -246,6 +250,9 @@ def _checked_info(meta: dict[str, Any], json_path: Path) -> ModelInfo:
         raise WeightsError(f"{json_path.name}: train_size must be a whole number of pixels >= 16 or null, "
                            f"got {train_size!r}.")
     ood = float(meta.get("ood_threshold", 0.5))
+    segment_native = meta.get("segment_native", False)
+    if not isinstance(segment_native, bool):
+        raise WeightsError(f"{json_path.name}: segment_native must be true or false, got {segment_native!r}.")
     try:
         tasks = {k: Task.from_dict(v) for k, v in (meta.get("tasks") or {}).items()}
         statistics = MahalanobisOOD.from_dict(meta["ood"]) if meta.get("ood") else None
@@ -257,7 +264,7 @@ def _checked_info(meta: dict[str, Any], json_path: Path) -> ModelInfo:
     if statistics and set(statistics.means) - set(config.modalities):
         raise WeightsError(f"{json_path.name}: ood statistics name modality classes the model does not have.")
     return ModelInfo(config, classes, dataset_classes, ood, train_size, meta.get("extra", {}),
-                     dict(meta.get("modality_names") or {}), tasks, statistics)
+                     dict(meta.get("modality_names") or {}), tasks, statistics, segment_native)
 
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelInfo]:

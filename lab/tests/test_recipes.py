@@ -91,3 +91,16 @@ def test_the_smoke_model_predicts_a_volume(smoke_run: Path) -> None:
     assert result.restored.shape == volume.shape and np.isfinite(result.restored).all()
     assert set(np.unique(result.labels)) <= {0, 1, 2, 3}
     assert all(torch.isfinite(t).all() for t in load_file(str(smoke_run)).values())
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.rglob("*.yaml")), ids=lambda p: str(p.relative_to(RECIPES)))
+def test_every_recipe_reads_on_a_cpu_and_on_a_gpu(path: Path) -> None:
+    for cuda in (False, True):
+        assert load_run_config(path, cuda=cuda).joint.steps > 0
+
+
+def test_a_design_comparison_differs_from_its_control_in_its_setting_alone() -> None:
+    control = load_run_config(RECIPES / "ablations" / "full.yaml", cuda=False)
+    variant = load_run_config(RECIPES / "comparisons" / "segment_native.yaml", cuda=False)
+    differ = {k for k in vars(control) if getattr(control, k) != getattr(variant, k)}
+    assert differ == {"out", "segment_native"}

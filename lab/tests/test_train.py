@@ -615,3 +615,41 @@ def test_the_committed_recipes_load(config: Path) -> None:
     the developer datasets beside the repository."""
     run = load_run_config(config)
     assert run.data and all(Path(d).parent.name == "data" for d in run.data)
+
+
+def test_segment_native_trains_segmentation_on_labelled_tiles_cut_where_the_image_tiles_are(
+    data: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train, "random_degradation", lambda x, *a, **k: Degraded(x.clone(), 2))
+    settings = {**run_settings(data, tmp_path / "run"), "joint_native_fraction": 0.5, "segment_native": True}
+    trainer = train.Trainer(RunConfig(**settings))
+    dataset = trainer.train_set
+    tiles = train.native_tiles(dataset, 6, 16, trainer.imaging, torch.Generator().manual_seed(0), segmentation=True)
+    assert tiles.label_maps.shape == (6, 16, 16) and tiles.class_masks.shape == (6, len(trainer.labels.keys))
+    for tile, label, mask in zip(tiles.clean, tiles.label_maps, tiles.class_masks):
+        pairs = [(dataset.native_slice(i)[0, 0], dataset.native_label(i), dataset.class_mask_of(i))
+                 for i in range(len(dataset))]
+        assert any(torch.equal(tile[0], s[t : t + 16, l : l + 16]) and torch.equal(label, m[t : t + 16, l : l + 16])
+                   and torch.equal(mask, c) for s, m, c in pairs for t in range(9) for l in range(9))
+    shapes = []
+    seg = train.segmentation_loss
+    monkeypatch.setattr(train, "segmentation_loss", lambda logits, target, mask: shapes.append(
+        (len(logits), len(target), len(mask))) or seg(logits, target, mask))
+    trainer.net = trainer.model
+    batch = trainer.batch("joint", 0, JOINT_STAGE["batch_size"])
+    trainer.joint_step(batch, train.step_generator(3, "joint", 0, 0))
+    assert shapes == [(2, 2, 2)]  # the slice and the tile
+    with pytest.raises(ValueError, match="set joint_native_fraction"):
+        RunConfig(**{**run_settings(data, tmp_path / "run"), "segment_native": True})
+
+
+def test_a_model_trained_with_segment_native_segments_at_the_scans_own_size(data: list[Path], tmp_path: Path) -> None:
+    from VLDUNLib.inference import VolumePredictor
+    from VLDUNLib.weights import load_model
+
+    settings = {**run_settings(data, tmp_path / "run"), "joint_native_fraction": 0.5, "segment_native": True}
+    weights = train_from_file(write_config(tmp_path, settings))
+    predictor = VolumePredictor(device="cpu", model=load_model(weights))
+    assert predictor.info.segment_native and not predictor.rescales(24, 24)
+    assert VolumePredictor(device="cpu", model=load_model(train_from_file(write_config(
+        tmp_path / "plain", run_settings(data, tmp_path / "plain" / "run"))))).rescales(24, 24)

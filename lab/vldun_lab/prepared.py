@@ -56,9 +56,10 @@ def describe_case(case: CaseLike) -> str:
     return f"{case.case_id}[{case.start}:{case.stop}]" if isinstance(case, SliceRef) else case.case_id
 
 
-def from_folders(data: list[str], patch: int, val_fraction: float, seed: int, native: bool = False) -> TrainingSlices:
+def from_folders(data: list[str], patch: int, val_fraction: float, seed: int, native: bool = False,
+                 native_labels: bool = False) -> TrainingSlices:
     """The slices of dataset folders, split per dataset by ``split_cases(val_fraction, seed)``; with ``native`` the
-    training slices also keep their own size (``SliceDataset``)."""
+    training slices also keep their own size, with ``native_labels`` their label maps too (``SliceDataset``)."""
     infos = read_datasets(data)
     modalities, labels = modality_classes(infos), label_space(infos)
     splits = {info.name: split_cases(info, val_fraction, seed) for info in infos}
@@ -66,7 +67,8 @@ def from_folders(data: list[str], patch: int, val_fraction: float, seed: int, na
     return TrainingSlices(
         modalities=modalities,
         labels=labels,
-        train=SliceDataset(infos, train_cases, modalities, labels, patch=patch, augment=True, native=native),
+        train=SliceDataset(infos, train_cases, modalities, labels, patch=patch, augment=True, native=native,
+                           native_labels=native_labels),
         validation={
             info.name: SliceDataset([info], splits[info.name][1], modalities, labels, patch=patch) for info in infos
         },
@@ -152,11 +154,13 @@ def load(path: str | Path) -> TrainingSlices:
     )
 
 
-def for_run(data: list[str], patch: int, val_fraction: float, seed: int, native: bool = False) -> TrainingSlices:
-    """A run's training data: one prepared file, or dataset folders read now (``native``: see ``from_folders``)."""
+def for_run(data: list[str], patch: int, val_fraction: float, seed: int, native: bool = False,
+            native_labels: bool = False) -> TrainingSlices:
+    """A run's training data: one prepared file, or dataset folders read now (``native``, ``native_labels``: see
+    ``from_folders``)."""
     prepared = [d for d in data if d.endswith(SUFFIX)]
     if not prepared:
-        return from_folders(data, patch, val_fraction, seed, native)
+        return from_folders(data, patch, val_fraction, seed, native, native_labels)
     if len(data) > 1:
         raise ValueError(f"A prepared file ({prepared[0]}) already holds every dataset of its run; give it alone "
                          "as `data:`, or list the dataset folders instead")

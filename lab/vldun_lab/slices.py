@@ -27,7 +27,8 @@ class SliceDataset(Dataset):
     ``skipped``. A multi-channel dataset gives one sample per channel and slice, each channel its own modality
     class. Degradation is not applied here: it runs batched on the training device. With ``native``, each sample
     also keeps its normalised slice at the scan's own size (8-bit, as `prepared` stores images), from which
-    ``native_indices`` and ``native_slice`` give the prior tiles at the scale `inference.prior_tiles` reads.
+    ``native_indices`` and ``native_slice`` give the prior tiles at the scale `inference.prior_tiles` reads;
+    with ``native_labels`` also its label map at that size (``native_label``), for segmentation at that scale.
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class SliceDataset(Dataset):
         patch: int = 128,
         augment: bool = False,
         native: bool = False,
+        native_labels: bool = False,
     ) -> None:
         self.infos = {info.short_name: info for info in infos}
         self._set_spaces(
@@ -50,6 +52,7 @@ class SliceDataset(Dataset):
         label_dtype = torch.uint8 if len(self.label_space.keys) <= 256 else torch.int32
         images, label_maps, meta, problems = [], [], [], []
         self.native = [] if native else None
+        self.native_labels = [] if native and native_labels else None
         for case in cases:
             for channel, modality in self._channels(case):
                 try:
@@ -81,7 +84,7 @@ class SliceDataset(Dataset):
         """Slices already at patch size (``images``, ``labels``, ``sample_dataset``, ``sample_modality``, as
         the attributes of that name): nothing is read, normalised or resized (``prepared.load``)."""
         dataset = cls.__new__(cls)
-        dataset.infos, dataset.native = {}, None
+        dataset.infos, dataset.native, dataset.native_labels = {}, None, None
         dataset._set_spaces(modalities, labels, patch, augment)
         dataset.images, dataset.labels = tensors["images"], tensors["labels"]
         dataset.sample_dataset, dataset.sample_modality = tensors["sample_dataset"], tensors["sample_modality"]
@@ -122,6 +125,9 @@ class SliceDataset(Dataset):
         self.skipped += len(image) - len(keep)
         if self.native is not None:
             self.native += list(torch.from_numpy(np.round(255 * np.clip(image[keep], 0, 1))).to(torch.uint8))
+        if self.native_labels is not None:
+            own = self.label_space.to_global(case.dataset, label[selection][keep])
+            self.native_labels += list(torch.from_numpy(np.ascontiguousarray(own)).to(label_dtype))
         images = torch.from_numpy(resize_slices(image[keep], self.patch, "image"))[:, None]
         local = resize_slices(label[selection][keep], self.patch, "label")
         labels = torch.from_numpy(self.label_space.to_global(case.dataset, local))
@@ -201,6 +207,17 @@ class SliceDataset(Dataset):
     def native_slice(self, index: int) -> torch.Tensor:
         """Sample ``index`` at the scan's own size, (1, 1, H, W) float in [0, 1]."""
         return self.native[int(index)][None, None].float() / 255
+
+    def native_label(self, index: int) -> torch.Tensor:
+        """The global label map of sample ``index`` at the scan's own size, (H, W) int64."""
+        if self.native_labels is None:
+            raise ValueError("This SliceDataset keeps no label maps at the scans' own size: build it with "
+                             "native_labels=True")
+        return self.native_labels[int(index)].to(torch.int64)
+
+    def class_mask_of(self, index: int) -> torch.Tensor:
+        """The classes the dataset of sample ``index`` labels (`LabelSpace.class_mask`)."""
+        return self._masks[self.datasets[int(self.sample_dataset[int(index)])]].clone()
 
 
 def balanced_sampler(ds: SliceDataset, num_samples: int, seed: int) -> Sampler[int]:

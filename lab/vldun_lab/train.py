@@ -53,7 +53,7 @@ from tqdm import tqdm
 from VLDUNLib.config import make_config
 from VLDUNLib.config import NO_DEGRADATION
 from VLDUNLib.degradations import DEGRADATIONS, Degraded, random_degradation
-from VLDUNLib.letterbox import resize_images
+from VLDUNLib.letterbox import resize_images, resize_slices
 from VLDUNLib.network import build_model
 from VLDUNLib.priors import focal_loss, image_text_loss
 from VLDUNLib.ssm import missing_cuda_scan
@@ -132,6 +132,10 @@ class RunConfig:
     joint_native_fraction: float = 0.0
     """The same for stage 2: that share of each batch is tiles degraded at their own size, with their clean tiles, and
     trains restoration only (Slicer restores at the scan's own size but segments at patch size)."""
+    segment_native: bool = False
+    """Stage 2's native tiles carry their label maps and train segmentation too, and the exported model segments
+    each slice at its own size (`ModelInfo.segment_native`): a 428-pixel ACDC slice is no longer shrunk 3.3x
+    before its thin myocardium is segmented. Needs joint_native_fraction above 0."""
     joint_trainable: list[str] | None = None
     """Stage 2 trains only the network parameters whose names match one of these `fnmatch` patterns, e.g.
     `["*.attention.kv.*"]`: after a prior re-tune, only the projections that read its tokens follow it, and the
@@ -182,6 +186,9 @@ class RunConfig:
                 raise ValueError(f"{name} is a share of the batch, 0 to 1; got {getattr(self, name)}")
         if self.rec_loss not in REC_LOSSES:
             raise ValueError(f"rec_loss must be one of {sorted(REC_LOSSES)}; got {self.rec_loss!r}")
+        if self.segment_native and not self.joint_native_fraction:
+            raise ValueError("segment_native trains segmentation on stage 2's native tiles; set joint_native_fraction "
+                             "above 0 (e.g. 0.25)")
 
 
 def read_run_settings(path: Path, children: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -336,18 +343,21 @@ def degrade_batch(
 
 
 class NativeTiles(NamedTuple):
-    """What `native_tiles` gives: (N, 1, P, P) degraded and clean tiles, degradation labels, modality classes."""
+    """What `native_tiles` gives: (N, 1, P, P) degraded and clean tiles, degradation labels, modality classes, and
+    with `segmentation` the (N, P, P) label tiles and (N, C) class masks of their datasets."""
 
     degraded: torch.Tensor
     clean: torch.Tensor
     labels: torch.Tensor
     modality: torch.Tensor
+    label_maps: torch.Tensor | None = None
+    class_masks: torch.Tensor | None = None
 
 
 def native_tiles(
     dataset: SliceDataset, count: int, size: int, imaging: list[str], generator: torch.Generator,
     primitives: bool = True, balanced: bool = False, weights: Mapping[str, float] | None = None,
-    clean_fraction: float = 0.0,
+    clean_fraction: float = 0.0, segmentation: bool = False,
 ) -> NativeTiles:
     """``count`` inputs (N, 1, size, size) as a scan at its own size gives them, their clean tiles, degradation labels
     and modality classes: a training slice larger than ``size`` degraded whole at its own size
@@ -359,7 +369,7 @@ def native_tiles(
     COVID-19's sparse-view was read as blur on 7 of 10 trials).
     """
     indices = dataset.native_indices(count, size, generator, weights).tolist()
-    degraded, clean, labels = [], [], []
+    degraded, clean, labels, label_maps = [], [], [], []
     for index in indices:
         kind = imaging[int(dataset.sample_modality[index])]
         own = dataset.native_slice(index)
@@ -370,8 +380,15 @@ def native_tiles(
         for image, tiles in ((out.image, degraded), (own, clean)):
             tiles.append(resize_images(image[..., top : top + size, left : left + size], size))
         labels.append(out.label)
-    return NativeTiles(torch.cat(degraded), torch.cat(clean), torch.tensor(labels, dtype=torch.long),
-                       dataset.sample_modality[indices])
+        if segmentation:
+            tile = dataset.native_label(index)[None, top : top + size, left : left + size].numpy()
+            label_maps.append(torch.from_numpy(resize_slices(tile, size, "label")).to(torch.int64))
+    tiles = NativeTiles(torch.cat(degraded), torch.cat(clean), torch.tensor(labels, dtype=torch.long),
+                        dataset.sample_modality[indices])
+    if not segmentation:
+        return tiles
+    masks = torch.stack([dataset.class_mask_of(i) for i in indices])
+    return tiles._replace(label_maps=torch.cat(label_maps), class_masks=masks)
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_mask: torch.Tensor) -> torch.Tensor:
@@ -491,7 +508,7 @@ class Trainer:
         if self.rank == 0 and (advice := missing_cuda_scan(self.device)):
             print(advice)
         native = run.prior_native_fraction > 0 or run.joint_native_fraction > 0
-        self.slices = prepared.for_run(run.data, run.patch, run.val_fraction, run.split, native)
+        self.slices = prepared.for_run(run.data, run.patch, run.val_fraction, run.split, native, run.segment_native)
         self.modalities, self.labels, self.train_set = self.slices.modalities, self.slices.labels, self.slices.train
         if native and not len(self.train_set.native_indices(1, run.patch)):
             raise ValueError(f"prior/joint_native_fraction: no training slice is larger than the patch ({run.patch} "
@@ -580,11 +597,16 @@ class Trainer:
         degraded, _ = degrade_batch(clean, imaging, generator, primitives=primitives,
                                     clean_fraction=self.run.clean_fraction)
         labelled = len(clean)
+        target, class_mask = batch["label"], batch["class_mask"]
         if count := self.native_count("joint"):
             tiles = native_tiles(self.train_set, count, self.run.patch, self.imaging, generator, primitives,
-                                 weights=self.run.dataset_weights, clean_fraction=self.run.clean_fraction)
+                                 weights=self.run.dataset_weights, clean_fraction=self.run.clean_fraction,
+                                 segmentation=self.run.segment_native)
             degraded = torch.cat([degraded, tiles.degraded.to(self.device)])
             clean = torch.cat([clean, tiles.clean.to(self.device)])
+            if self.run.segment_native:
+                labelled += count
+                target, class_mask = torch.cat([target, tiles.label_maps]), torch.cat([class_mask, tiles.class_masks])
         with torch.no_grad():
             prior = self.model.compute_prior(degraded)
         with autocast(self.device, self.run.amp):
@@ -594,7 +616,7 @@ class Trainer:
             losses["rec"] = self.run.rec_weight * REC_LOSSES[self.run.rec_loss](out.restored.float(), clean)
         if out.seg_logits is not None:
             losses["seg"] = self.run.seg_weight * segmentation_loss(
-                out.seg_logits[:labelled], batch["label"].to(self.device), batch["class_mask"].to(self.device)
+                out.seg_logits[:labelled], target.to(self.device), class_mask.to(self.device)
             )
         losses["loss"] = sum(losses.values())
         return losses
@@ -700,6 +722,7 @@ class Trainer:
             train_size=self.run.patch,
             modality_names={m.key: m.display for m in self.modalities},
             tasks=self.labels.tasks(),
+            segment_native=self.run.segment_native,
             extra={
                 "run": asdict(self.run),
                 "datasets": list(self.slices.validation_cases),

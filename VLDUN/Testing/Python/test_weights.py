@@ -144,3 +144,15 @@ def test_task_classes_outside_the_head_are_refused(saved):
     path.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(WeightsError, match="task class indices"):
         load_model(path)
+
+
+def test_segment_native_is_false_unless_the_json_says_true(saved):
+    _, path = saved
+    assert load_model(path)[1].segment_native is False
+    edit_config(path, lambda m: m.pop("segment_native"))  # a JSON written before the field existed
+    assert load_model(path)[1].segment_native is False
+    edit_config(path, lambda m: m.update(segment_native=True))
+    assert load_model(path)[1].segment_native is True
+    edit_config(path, lambda m: m.update(segment_native="yes"))
+    with pytest.raises(WeightsError, match="segment_native must be true or false"):
+        load_model(path)
