@@ -99,8 +99,14 @@ def test_every_recipe_reads_on_a_cpu_and_on_a_gpu(path: Path) -> None:
         assert load_run_config(path, cuda=cuda).joint.steps > 0
 
 
-def test_a_design_comparison_differs_from_its_control_in_its_setting_alone() -> None:
+@pytest.mark.parametrize(("name", "setting"), [
+    ("segment_native", "segment_native"), ("seg_weight_2", "seg_weight"), ("width_36", "model"),
+])
+def test_a_design_comparison_differs_from_its_control_in_its_setting_alone(name: str, setting: str) -> None:
     control = load_run_config(RECIPES / "ablations" / "full.yaml", cuda=False)
-    variant = load_run_config(RECIPES / "comparisons" / "segment_native.yaml", cuda=False)
+    variant = load_run_config(RECIPES / "comparisons" / f"{name}.yaml", cuda=False)
     differ = {k for k in vars(control) if getattr(control, k) != getattr(variant, k)}
-    assert differ == {"out", "segment_native"}
+    assert differ == {"out", setting}
+    if setting == "model":
+        extra = {k: v for k, v in variant.model.items() if control.model.get(k) != v}
+        assert extra == {"channels": 36, "blocks": [1, 1, 2]}
