@@ -14,6 +14,8 @@ from VLDUNLib.weights import load_model, save_weights, rewrite_info
 
 @pytest.fixture(scope="module")
 def small_sets():
+    if not DATA.is_dir():
+        pytest.skip("needs ../shared/data")
     return [read_dataset(DATA / "Dataset003_COVID19CT"), read_dataset(DATA / "Dataset004_AbdomenCT")]
 
 
