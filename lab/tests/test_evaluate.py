@@ -249,3 +249,10 @@ def test_modality_accuracy_counts_what_a_person_reads_and_the_key_accuracy_the_d
     rows = [row("BraTS2015/FLAIR", "MRI · brain, FLAIR"), row("BraTS2018/T1", "MRI · brain, T1")]
     out = aggregate(rows, 2, ("BraTS2015/FLAIR", "BraTS2018/FLAIR", "BraTS2018/T1"), has_prior=True)
     assert out["modality_accuracy"] == 0.5 and out["modality_key_accuracy"] == 0.0
+
+
+def test_a_resized_report_says_its_detection_figures_are_not_the_slicer_path(report):
+    from vldun_lab.evaluate import trust_table
+
+    _, result = report
+    assert "use --size 0" in trust_table(result, native=False) and "use --size 0" not in trust_table(result)

@@ -460,10 +460,14 @@ def degradation_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def trust_table(report: dict[str, Any]) -> str:
+def trust_table(report: dict[str, Any], native: bool = True) -> str:
     """Per dataset, what the model knows about itself: detection accuracy, scans flagged unknown (false alarms:
-    every dataset here is a training one), clean slices restored against themselves, tumour on tumour-free slices."""
-    lines = ["", "Detection and specificity:", "",
+    every dataset here is a training one), clean slices restored against themselves, tumour on tumour-free slices.
+    Unless `native`, the slices were resized first, which Slicer and `vldun predict` never do: the prior's figures
+    (detection, unknown share) are then not those a user meets, and the table says so."""
+    caveat = ("" if native else " (slices resized first, unlike Slicer and `vldun predict`: for the detection and "
+              "unknown-scan figures a user meets, use --size 0)")
+    lines = ["", f"Detection and specificity{caveat}:", "",
              ("| Dataset | modality right | degradation right | flagged unknown | clean slice restored PSNR (dB) "
               "| tumour-free slices given tumour | tumour on them (mL) |"), "|---|---|---|---|---|---|---|"]
     for name, entry in report["datasets"].items():
@@ -558,7 +562,8 @@ def write_report(
             report["datasets"][d.name]["baseline"] = peer.evaluate(d, max_cases, None)["model"]
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     write_case_table(out / "cases.csv", evaluator.case_rows)
-    text = (markdown_table(report) + (comparison(report) if baseline is not None else "") + trust_table(report)
+    text = (markdown_table(report) + (comparison(report) if baseline is not None else "")
+            + trust_table(report, native=protocol.size == 0)
             + degradation_table(report))
     (out / "table.md").write_text(f"Protocol: {protocol.describe()}\n\nWeights: {weights_name}"
                                   f"{MIRROR_NOTE if predictor.mirror else ''}\n\n" + text)
