@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LAB_COMMANDS = ("train", "prepare", "evaluate", "calibrate-ood", "ship", "benchmark", "complexity")
+LAB_COMMANDS = ("train", "prepare", "evaluate", "calibrate-ood", "curve", "ship", "benchmark", "complexity")
 
 
 def _add_plugins(sub: argparse._SubParsersAction) -> None:

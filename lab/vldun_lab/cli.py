@@ -1,4 +1,5 @@
-"""The lab's commands of `vldun` (train, prepare, evaluate, calibrate-ood, ship, benchmark, complexity), registered as a plugin.
+"""The lab's commands of `vldun` (train, prepare, evaluate, calibrate-ood, curve, ship, benchmark,
+complexity), registered as a plugin.
 
 `vldun` discovers this through the `vldun.plugins` entry point, so the product never imports the lab.
 """
@@ -59,6 +60,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_command
 
     evaluate_command(args)
+    return 0
+
+
+def _curve(args: argparse.Namespace) -> int:
+    from .curve import curve_command
+
+    curve_command(args)
     return 0
 
 
@@ -143,6 +151,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="also write every figure printed to this JSON file")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_calibrate_ood)
+
+    p = sub.add_parser("curve", help="a run's losses as means over windows of steps (is a stage still learning?)")
+    p.add_argument("run", help="the run's folder (its `out:`), e.g. runs/vldun_compact")
+    p.add_argument("--every", type=int, default=500, help="steps per window (default 500)")
+    p.set_defaults(func=_curve)
 
     p = sub.add_parser("ship", help="make a finished recipe's weights the shipped model (checks where they came from)")
     p.add_argument("weights", help="the run's model.safetensors, e.g. runs/vldun_compact/model.safetensors")
