@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 from model_factory import tiny_predictor
@@ -93,5 +94,19 @@ def test_the_code_version_names_the_commit_and_any_change_to_the_model_lab_or_re
     from vldun_lab.train import code_version
 
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "VLDUN/VLDUNLib",
-                            "lab/vldun_lab", "recipes"], cwd=REPOSITORY, capture_output=True, text=True).stdout.strip()
+                            "lab/vldun_lab", "recipes"], cwd=REPOSITORY, capture_output=True, text=True, check=False).stdout.strip()
     assert code_version() == HEAD + ("+changes" if dirty else "")
+
+
+def test_a_failed_copy_leaves_the_old_model_whole(tmp_path, monkeypatch):
+    from vldun_lab import ship as ship_module
+
+    old, new = tmp_path / "old.bin", tmp_path / "new.bin"
+    old.write_bytes(b"old"), new.write_bytes(b"new")
+    target = tmp_path / "shipped.bin"
+    target.write_bytes(b"old")
+    real_copy = ship_module.shutil.copyfile
+    monkeypatch.setattr(ship_module.shutil, "copyfile", lambda a, b: real_copy(a, b) if a == new else Path(b).write_bytes(b"x"))
+    with pytest.raises(OSError, match="did not give the same bytes"):
+        ship_module.copy_checked([(new, target), (old, tmp_path / "other.bin")])
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["new.bin", "old.bin", "shipped.bin"]

@@ -71,14 +71,22 @@ def shipping_problems(info: ModelInfo, repository: Path = REPOSITORY) -> list[st
     return problems
 
 
-def copy_checked(source: Path, destination: Path) -> None:
-    """Copy through a temporary file beside `destination`, compare, then rename over it."""
-    temporary = destination.with_name(f".partial-{destination.name}")
-    shutil.copyfile(source, temporary)
-    if sha256_of(temporary) != sha256_of(source):
-        temporary.unlink()
-        raise OSError(f"copying {source} to {destination} did not give the same bytes; check the disk")
-    temporary.replace(destination)
+def copy_checked(pairs: list[tuple[Path, Path]]) -> None:
+    """Copy each (source, destination) to a temporary file beside its destination and compare it; only when all are
+    there and equal, rename them over the destinations, so a failed copy leaves the old model whole."""
+    temporaries = []
+    try:
+        for source, destination in pairs:
+            temporary = destination.with_name(f".partial-{destination.name}")
+            temporaries.append(temporary)
+            shutil.copyfile(source, temporary)
+            if sha256_of(temporary) != sha256_of(source):
+                raise OSError(f"copying {source} to {destination} did not give the same bytes; check the disk")
+        for temporary, (_, destination) in zip(temporaries, pairs):
+            temporary.replace(destination)
+    finally:
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
 
 
 def card_with_provenance(card: str, old_sha: str | None, new_sha: str, provenance: str) -> str:
@@ -101,8 +109,8 @@ def ship(weights: Path, shipped: Path = DEFAULT_WEIGHTS, repository: Path = REPO
     old_sha = sha256_of(shipped) if shipped.is_file() else None
     card = card_with_provenance(card_path.read_text(), old_sha, sha256_of(path),
                                 provenance_table(info.extra["recipe"], info.extra["sessions"]))
-    copy_checked(path, shipped)
-    copy_checked(config_path_for(path), config_path_for(shipped))
+    shipped.parent.mkdir(parents=True, exist_ok=True)
+    copy_checked([(path, shipped), (config_path_for(path), config_path_for(shipped))])
     read_model_info(shipped)
     card_path.write_text(card)
     return shipped
