@@ -256,3 +256,23 @@ def test_a_resized_report_says_its_detection_figures_are_not_the_slicer_path(rep
 
     _, result = report
     assert "use --size 0" in trust_table(result, native=False) and "use --size 0" not in trust_table(result)
+
+
+def test_threads_set_torch_for_the_lab_commands_and_nonsense_is_refused(monkeypatch):
+    import argparse
+
+    import torch
+    from vldun_lab import cli
+
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    cli._set_threads(argparse.Namespace(threads=1))
+    cli._set_threads(argparse.Namespace(threads=None))
+    assert seen == [1]
+    with pytest.raises(ValueError, match="at least 1"):
+        cli._set_threads(argparse.Namespace(threads=0))
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    for command in ("evaluate", "calibrate-ood"):
+        assert parser.parse_args([command, "--data", "x", "--out", "y", "--threads", "1"] if command == "evaluate"
+                                 else [command, "--data", "x", "--threads", "1"]).threads == 1

@@ -56,9 +56,19 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads is a number of CPU threads, at least 1; got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_command
 
+    _set_threads(args)
     evaluate_command(args)
     return 0
 
@@ -80,6 +90,7 @@ def _ship(args: argparse.Namespace) -> int:
 def _calibrate_ood(args: argparse.Namespace) -> int:
     from .calibrate import calibrate_command
 
+    _set_threads(args)
     calibrate_command(args)
     return 0
 
@@ -132,6 +143,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-cases", type=int, default=None)
     p.add_argument("--mirror", action="store_true", help=MIRROR_HELP)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's own); 1 beside a training run on a small machine, "
+                        "where threads that share cores stall each other")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("calibrate-ood", help="fit the unknown-scan statistics of a model on its training datasets")
@@ -150,6 +164,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--write", action="store_true", help="store the statistics in the weights' JSON (tensors unchanged)")
     p.add_argument("--json", default=None, help="also write every figure printed to this JSON file")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's own); 1 beside a training run on a small machine, "
+                        "where threads that share cores stall each other")
     p.set_defaults(func=_calibrate_ood)
 
     p = sub.add_parser("curve", help="a run's losses as means over windows of steps (is a stage still learning?)")
