@@ -158,9 +158,11 @@ def unseen_report(predictor: VolumePredictor, ood: MahalanobisOOD) -> dict[str, 
         healthy_brain_tumour_ml,
         healthy_brains,
         missing_packages,
+        unseen_sets,
     )
 
-    report: dict[str, object] = {"unseen": unseen_flag_rates(predictor, ood)}
+    brains = healthy_brains()  # read once: flagged below, then segmented for the tumour check
+    report: dict[str, object] = {"unseen": unseen_flag_rates(predictor, ood, unseen_sets(brains))}
     for name, entry in report["unseen"].items():
         print(f"  unseen {name}: {entry['flagged']:.1%} of {entry['scans']} flagged"
               + (f" (passed: {', '.join(entry['passed'])})" if entry["passed"] else ""))
@@ -168,19 +170,18 @@ def unseen_report(predictor: VolumePredictor, ood: MahalanobisOOD) -> dict[str, 
         print(f"  left out (not installed): {', '.join(missing)}; `apt install {' '.join(PACKAGES)}` adds their sets")
     report["missing_packages"] = missing
     report["healthy_brain_tumour"] = {}
-    for name, (volume, voxel_ml) in healthy_brains().items():
+    for name, (volume, voxel_ml) in brains.items():
         entry = report["healthy_brain_tumour"][name] = healthy_brain_tumour_ml(predictor, volume, voxel_ml)
         print(f"  tumour on healthy {name}: {entry['tumour_ml']['brain_tumour']:.1f} mL with the brain-tumour task, "
               f"{entry['tumour_ml']['auto']:.1f} mL with task auto (routed to {entry['auto_task']})")
     return report
 
 
-def unseen_flag_rates(predictor: VolumePredictor, ood: MahalanobisOOD) -> dict[str, dict[str, object]]:
+def unseen_flag_rates(predictor: VolumePredictor, ood: MahalanobisOOD,
+                      sets: dict[str, list[tuple[str, np.ndarray]]]) -> dict[str, dict[str, object]]:
     """Per set of unseen scans (`unseen.unseen_sets`): the share flagged, and the scans that passed."""
-    from .unseen import unseen_sets
-
     rates: dict[str, dict[str, object]] = {}
-    for name, volumes in unseen_sets().items():
+    for name, volumes in sets.items():
         scores = {scan: ood.score(volume_embedding(predictor, volume)) for scan, volume in volumes}
         passed = sorted(scan for scan, score in scores.items() if not ood.is_unknown(score))
         rates[name] = {"flagged": 1 - len(passed) / len(scores), "scans": len(scores), "passed": passed,

@@ -313,8 +313,8 @@ def summarise_case(result: dict[str, Any], class_names: dict[int, str]) -> dict[
         row["iou"] = {name: iou(pred, ref, value) for value, name in class_names.items()}
         if TUMOUR_CLASSES & set(class_names.values()):
             row["tumour_free"] = tumour_free_slices(pred, ref, result["clean"], result["voxel_ml"])
-        if TUMOUR_CLASSES & set(class_names.values()) and "whole_tumor" not in class_names.values():
-            row["dice"]["whole_tumor"] = dice((pred > 0).astype(np.uint8), (ref > 0).astype(np.uint8), 1)
+            if "whole_tumor" not in class_names.values():  # BraTS 2018 labels it; BraTS 2015's sub-regions make it
+                row["dice"]["whole_tumor"] = dice((pred > 0).astype(np.uint8), (ref > 0).astype(np.uint8), 1)
     return row
 
 

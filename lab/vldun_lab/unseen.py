@@ -183,9 +183,11 @@ def checkerboard(shape: tuple[int, int, int] = (12, 192, 192)) -> list[Volume]:
     return volumes
 
 
-def unseen_sets() -> dict[str, list[Volume]]:
-    """Every set of unseen volumes by name ("healthy_brain" is in-distribution for the modality: report it apart)."""
-    sets = {"healthy_brain": [(name, volume) for name, (volume, _) in healthy_brains().items()]}
+def unseen_sets(brains: dict[str, tuple[np.ndarray, float]] | None = None) -> dict[str, list[Volume]]:
+    """Every set of unseen volumes by name ("healthy_brain" is in-distribution for the modality: report it apart);
+    `brains`: `healthy_brains()` where the caller already read them."""
+    brains = healthy_brains() if brains is None else brains
+    sets = {"healthy_brain": [(name, volume) for name, (volume, _) in brains.items()]}
     if INVESALIUS_CRANIUM.exists():
         sets["head_ct"] = as_shipped_and_degraded("invesalius_cranium", head_ct(), "CT")
     if MRICRON_TEMPLATES.exists():
