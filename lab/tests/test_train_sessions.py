@@ -48,11 +48,11 @@ def test_a_session_that_runs_out_pauses_and_its_resume_equals_an_uninterrupted_r
     assert [k for k in expected if not torch.equal(expected[k], actual[k])] == []
     sessions = read_model_info(tmp_path / "run" / "model.safetensors")[1].extra["sessions"]
     assert len(sessions) == 5  # one step per session, and a stage's last step runs on into the next stage
-    assert all(s["machine"] and s["code"] and s["seconds"] >= 0 for s in sessions)
+    assert all(s["machine"] and s["code"] and s["scan"] and s["seconds"] >= 0 for s in sessions)
     assert sessions[0]["from"] == ["prior", 0] and sessions[-1]["to"] == ["joint", 4]
     table = (tmp_path / "run" / "provenance.md").read_text().splitlines()
     assert table[0] == "Trained by `vldun train run.yaml` in 5 session(s):"
-    assert [row.split(" | ")[3:5] for row in table[4:9]] == [
+    assert [row.split(" | ")[4:6] for row in table[4:9]] == [
         ["prior 0", "prior 1"], ["prior 1", "joint 1"], ["joint 1", "joint 2"], ["joint 2", "joint 3"], ["joint 3", "joint 4"]]
 
 
@@ -169,3 +169,14 @@ def test_a_checkpoint_exports_as_interim_weights_without_touching_the_run(
     assert all(torch.equal(v, checkpoint[f"model.{k}"]) for k, v in model.state_dict().items())
     assert info.extra["interim"] == {"stage": "joint", "step": 1, "of": 4} and len(info.extra["sessions"]) == 2
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before  # no model.safetensors, no provenance
+
+
+def test_time_steps_times_each_stage_and_writes_nothing(data: list[Path], tmp_path: Path,  # noqa: F811
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, run_settings(data, tmp_path / "run"))
+    assert train_from_file(config, time_steps=1) is None
+    printed = capsys.readouterr().out
+    assert "prior: " in printed and "joint (" in printed and printed.count("s per step") >= 2
+    if "compiled CPU kernel" in printed:
+        assert "joint (PyTorch scan)" in printed
+    assert not (tmp_path / "run").exists()

@@ -36,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import train_from_file
 
     train_from_file(Path(args.config), resume=args.resume, out=args.out, session_minutes=args.session_minutes,
-                    export_checkpoint=args.export_checkpoint)
+                    export_checkpoint=args.export_checkpoint, time_steps=args.time_steps)
     return 0
 
 
@@ -121,6 +121,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--export-checkpoint", default=None, metavar="WEIGHTS",
                    help="train nothing: write the run's latest checkpoint as interim weights (.safetensors) to "
                         "evaluate while the run goes on")
+    p.add_argument("--time-steps", type=int, default=0, metavar="N",
+                   help="train nothing: time N steps of each stage on this machine and print seconds per step "
+                        "(on a CPU the joint stage with the compiled scan and with PyTorch's)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("prepare", help="write a run's training and validation slices to one .vldun file")

@@ -56,10 +56,11 @@ from VLDUNLib.degradations import DEGRADATIONS, Degraded, random_degradation
 from VLDUNLib.letterbox import resize_images, resize_slices
 from VLDUNLib.network import build_model
 from VLDUNLib.priors import focal_loss, image_text_loss
-from VLDUNLib.ssm import missing_cuda_scan
+from VLDUNLib import ssm
+from VLDUNLib.ssm import cuda_scan_available, missing_cuda_scan
 from VLDUNLib.weights import ModelInfo, read_model_info, rewrite_info, save_weights
 
-from . import prepared
+from . import cpu_scan, prepared
 from .augmentation import Augmentation
 from . import baseline  # noqa: F401 (registers architecture "unet")
 from .slices import SliceDataset
@@ -461,6 +462,13 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} thread(s) of {os.cpu_count()} CPUs"
 
 
+def scan_backend(device: torch.device) -> str:
+    """Which selective scan trains on ``device``: on a CPU the compiled kernel, built now (`cpu_scan`), where it builds."""
+    if device.type == "cpu":
+        return cpu_scan.install()
+    return "mamba-ssm CUDA kernel" if cuda_scan_available() else "PyTorch"
+
+
 def code_version() -> str:
     """The commit of the code that trains, "+changes" when the model, the lab or the recipes differ from it in the
     work tree; "unknown" outside git."""
@@ -480,10 +488,11 @@ def code_version() -> str:
 def provenance_table(recipe: str, sessions: list[dict[str, Any]]) -> str:
     """Markdown for the model card: each session of the run, where it started and ended, on what and with which code."""
     lines = [f"Trained by `vldun train {recipe}` in {len(sessions)} session(s):", "",
-             "| started (UTC) | machine | code | from | to | minutes |", "|---|---|---|---|---|---|"]
+             "| started (UTC) | machine | scan | code | from | to | minutes |", "|---|---|---|---|---|---|---|"]
     for s in sessions:
         start, end = (f"{stage} {step}" for stage, step in (s["from"], s.get("to", s["from"])))
-        lines.append(f"| {s['started']} | {s['machine']} | {s['code']} | {start} | {end} | {s['seconds'] / 60:.1f} |")
+        lines.append(f"| {s['started']} | {s['machine']} | {s.get('scan', 'PyTorch')} | {s['code']} | {start} | {end} "
+                     f"| {s['seconds'] / 60:.1f} |")
     total = sum(s["seconds"] for s in sessions) / 3600
     return "\n".join([*lines, "", f"Total: {total:.2f} hours.", ""])
 
@@ -507,6 +516,7 @@ class Trainer:
             torch.set_num_threads(run.threads)
         if self.rank == 0 and (advice := missing_cuda_scan(self.device)):
             print(advice)
+        self.scan = scan_backend(self.device)
         native = run.prior_native_fraction > 0 or run.joint_native_fraction > 0
         self.slices = prepared.for_run(run.data, run.patch, run.val_fraction, run.split, native, run.segment_native)
         self.modalities, self.labels, self.train_set = self.slices.modalities, self.slices.labels, self.slices.train
@@ -652,7 +662,7 @@ class Trainer:
     def begin_session(self, stage: str, step: int) -> None:
         """Start this process's entry of the run's sessions: where it began, on what machine, with which code."""
         self.sessions.append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
-                              "code": code_version(), "from": [stage, step], "seconds": 0.0})
+                              "code": code_version(), "scan": self.scan, "from": [stage, step], "seconds": 0.0})
         self.session_start = time.monotonic()
 
     def checkpoint(self, optimizer: torch.optim.Optimizer, stage: str, step: int) -> None:
@@ -671,18 +681,36 @@ class Trainer:
             shown = fresh if len(fresh) <= 20 else f"all of {sorted({key.split('.')[0] for key in fresh})}"
             print(f"Started from {self.run.init_weights}; {len(fresh)} tensors kept their fresh initialisation: {shown}")
 
-    def run_stage(self, stage: str, first: int, resumed: dict[str, Any] | None) -> None:
+    def start_stage(self, stage: str) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
+        """The stage's trainable weights and their optimizer, the network in training mode."""
         cfg = self.run.prior if stage == "prior" else self.run.joint
         params = self.trainable(stage)
         if stage == "joint" and self.run.joint_trainable is not None:
             self.freeze_all_but(params)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if resumed is not None:
-            load_optimizer(self.out, optimizer)
-        step_fn = self.prior_step if stage == "prior" else self.joint_step
         module = self.model.prior if stage == "prior" else self.model
         self.net = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True) if self.world > 1 else module
         self.model.train()
+        return params, optimizer
+
+    def train_step(self, stage: str, step: int, params: list[nn.Parameter],
+                   optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """One optimiser step of ``stage`` on its batch ``step`` (the batch and degradations follow from the step)."""
+        cfg = self.run.prior if stage == "prior" else self.run.joint
+        step_fn = self.prior_step if stage == "prior" else self.joint_step
+        generator = step_generator(self.run.seed, stage, step, self.rank)
+        losses = step_fn(self.batch(stage, step, cfg.batch_size), generator)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return {k: v.item() for k, v in losses.items()}
+
+    def run_stage(self, stage: str, first: int, resumed: dict[str, Any] | None) -> None:
+        cfg = self.run.prior if stage == "prior" else self.run.joint
+        params, optimizer = self.start_stage(stage)
+        if resumed is not None:
+            load_optimizer(self.out, optimizer)
         log = CsvLog(self.out / "log.csv", self.rank == 0)
         bar = tqdm(range(first, cfg.steps), desc=f"stage {stage}", disable=self.rank != 0, initial=first, total=cfg.steps)
         limit = 60 * self.run.time_limit_minutes if stage == "joint" and self.run.time_limit_minutes else None
@@ -691,13 +719,7 @@ class Trainer:
             elapsed = time.monotonic() - stage_start
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, elapsed / limit if limit else 0.0)
-            generator = step_generator(self.run.seed, stage, step, self.rank)
-            losses = step_fn(self.batch(stage, step, cfg.batch_size), generator)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            values = {k: v.item() for k, v in losses.items()}
+            values = self.train_step(stage, step, params, optimizer)
             bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
             log.write(stage, step, optimizer.param_groups[0]["lr"], values)
             last = step + 1 == cfg.steps
@@ -710,6 +732,27 @@ class Trainer:
             if paused:
                 raise SessionOver(f"stage {stage}, step {step + 1} of {cfg.steps}")
         self.model.eval()
+
+    def time_steps(self, steps: int) -> dict[str, float]:
+        """Seconds per step of each stage, the mean of ``steps`` steps after one untimed step (nothing is saved).
+
+        On a CPU the joint stage is timed with the compiled scan and again with the PyTorch scan when the kernel
+        built, so the gain is measured on the machine that trains; the prior has no scan.
+        """
+        timings: dict[str, float] = {}
+        scanned = any(isinstance(m, ssm.BiMamba2D | ssm.MambaBlock) for m in self.model.modules())
+        scans = [self.scan, "PyTorch"] if self.scan == "compiled CPU kernel" else [self.scan]
+        for stage in self.stages():
+            for scan in scans if stage == "joint" and scanned else [None]:
+                if scan == "PyTorch":
+                    ssm.use_cpu_scan(None)
+                params, optimizer = self.start_stage(stage)
+                self.train_step(stage, 0, params, optimizer)
+                start = time.perf_counter()
+                for step in range(1, steps + 1):
+                    self.train_step(stage, step, params, optimizer)
+                timings[f"{stage} ({scan} scan)" if scan else stage] = (time.perf_counter() - start) / steps
+        return timings
 
     def export(self, path: Path | None = None, interim: dict[str, Any] | None = None) -> Path:
         """The model as weights (safetensors + JSON) at `path` (default: the run's model.safetensors, with its
@@ -842,13 +885,21 @@ def load_optimizer(out: Path, optimizer: torch.optim.Optimizer) -> None:
 
 
 def train_from_file(path: Path, resume: bool = False, out: str | Path | None = None,
-                    session_minutes: float | None = None, export_checkpoint: Path | None = None) -> Path | None:
+                    session_minutes: float | None = None, export_checkpoint: Path | None = None,
+                    time_steps: int = 0) -> Path | None:
     """`vldun train`: the run of a config file; None when `session_minutes` ended it early (continue with resume).
+
+    With `time_steps` it only times that many steps of each stage and prints seconds per step (`Trainer.time_steps`).
 
     With `export_checkpoint` it trains nothing: the run's latest checkpoint is written there as interim weights
     (no unknown-scan statistics), for `vldun evaluate` while the run goes on.
     """
     run = load_run_config(path, out)
+    if time_steps:
+        trainer = Trainer(run, recipe=recipe_name(path))
+        for stage, seconds in trainer.time_steps(time_steps).items():
+            print(f"{stage}: {seconds:.3f} s per step (batch {getattr(run, stage.split()[0]).batch_size}; {machine()})")
+        return None
     if export_checkpoint is not None:
         weights = Trainer(run, recipe=recipe_name(path)).export_checkpoint(Path(export_checkpoint))
         print(f"Interim weights written to {weights}")
