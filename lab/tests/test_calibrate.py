@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from model_factory import DATA, tiny_predictor
-from vldun_lab.calibrate import calibrate, false_alarms, volume_embedding
+from vldun_lab.calibrate import Embeddings, calibrate, false_alarms, held_out_false_alarms, volume_embedding
 from vldun_lab.datasets import read_dataset
 from vldun_lab.evaluate import Protocol
 from vldun_lab.unseen import checkerboard, natural, noise
@@ -113,3 +113,27 @@ def test_tumour_on_a_healthy_brain_is_counted_with_the_task_forced_and_as_auto_r
         assert found["auto_task"] == routed
         assert found["tumour_ml"]["auto"] == (expected if routed == "brain_tumour" else 0.0)
     assert found["unknown"] and found["auto_task"] is None
+
+
+class _FirstValue:
+    """A stand-in scorer: a scan's score is its embedding's first value."""
+
+    def score(self, vector):
+        return float(vector[0])
+
+
+def test_held_out_false_alarms_judge_each_case_by_the_others_threshold():
+    # 20 one-scan cases scoring 1..20: the 95th percentile of all of them is 20, so none lies above it; left out,
+    # case 20 meets the others' threshold of 19 and is flagged, while 19 meets 20 and is not
+    found = Embeddings([np.array([float(i), 0.0]) for i in range(1, 21)], ["A/x"] * 20,
+                       [f"DatasetA/case{i}/x/degraded" for i in range(1, 21)])
+    rates = held_out_false_alarms(_FirstValue(), found, 0.95, 1.0)
+    assert rates == {"DatasetA": {"flagged": 0.05, "scans": 20}, "all": {"flagged": 0.05, "scans": 20}}
+
+
+def test_a_case_is_left_out_whole():
+    # two versions of one case that alone hold the top scores: judged without them, both are flagged
+    vectors = [np.array([float(i), 0.0]) for i in range(1, 19)] + [np.array([50.0, 0]), np.array([60.0, 0])]
+    sources = [f"D/c{i}/x/degraded" for i in range(1, 19)] + ["D/top/x/clean", "D/top/x/degraded"]
+    rates = held_out_false_alarms(_FirstValue(), Embeddings(vectors, ["D/x"] * 20, sources), 0.95, 1.0)
+    assert rates["all"] == {"flagged": 0.1, "scans": 20}
