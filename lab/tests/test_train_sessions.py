@@ -180,3 +180,16 @@ def test_time_steps_times_each_stage_and_writes_nothing(data: list[Path], tmp_pa
     if "compiled CPU kernel" in printed:
         assert "joint (PyTorch scan)" in printed
     assert not (tmp_path / "run").exists()
+
+
+def test_threads_override_the_config_and_are_checked(data: list[Path], tmp_path: Path,  # noqa: F811
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, run_settings(data, tmp_path / "run"))
+    before = torch.get_num_threads()
+    try:
+        train_from_file(config, time_steps=1, threads=2)  # the config says 1
+        assert "2 thread(s) of" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="at least 1"):
+        train_from_file(config, time_steps=1, threads=0)

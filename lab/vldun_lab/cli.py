@@ -36,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import train_from_file
 
     train_from_file(Path(args.config), resume=args.resume, out=args.out, session_minutes=args.session_minutes,
-                    export_checkpoint=args.export_checkpoint, time_steps=args.time_steps)
+                    export_checkpoint=args.export_checkpoint, time_steps=args.time_steps, threads=args.threads)
     return 0
 
 
@@ -124,6 +124,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-steps", type=int, default=0, metavar="N",
                    help="train nothing: time N steps of each stage on this machine and print seconds per step "
                         "(on a CPU the joint stage with the compiled scan and with PyTorch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads instead of the config's `threads:` (2 when the run has the machine to itself); "
+                        "a resume may change it")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("prepare", help="write a run's training and validation slices to one .vldun file")

@@ -886,7 +886,7 @@ def load_optimizer(out: Path, optimizer: torch.optim.Optimizer) -> None:
 
 def train_from_file(path: Path, resume: bool = False, out: str | Path | None = None,
                     session_minutes: float | None = None, export_checkpoint: Path | None = None,
-                    time_steps: int = 0) -> Path | None:
+                    time_steps: int = 0, threads: int | None = None) -> Path | None:
     """`vldun train`: the run of a config file; None when `session_minutes` ended it early (continue with resume).
 
     With `time_steps` it only times that many steps of each stage and prints seconds per step (`Trainer.time_steps`).
@@ -895,6 +895,10 @@ def train_from_file(path: Path, resume: bool = False, out: str | Path | None = N
     (no unknown-scan statistics), for `vldun evaluate` while the run goes on.
     """
     run = load_run_config(path, out)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads is a number of CPU threads, at least 1; got {threads}")
+        run.threads = threads
     if time_steps:
         trainer = Trainer(run, recipe=recipe_name(path))
         for stage, seconds in trainer.time_steps(time_steps).items():
