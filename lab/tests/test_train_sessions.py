@@ -193,3 +193,12 @@ def test_threads_override_the_config_and_are_checked(data: list[Path], tmp_path:
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="at least 1"):
         train_from_file(config, time_steps=1, threads=0)
+
+
+def test_a_restated_session_says_so_on_the_card() -> None:
+    sessions = [{"started": "2026-12-07T18:19:02Z", "machine": "cpu", "code": "0e408547afe9", "from": ["prior", 0],
+                 "to": ["prior", 24000], "seconds": 60.0,
+                 "restated": "recorded as 71d2ab860087+changes; the changes were committed unchanged as 0e40854"}]
+    table = train.provenance_table("recipes/x.yaml", sessions)
+    assert "| 0e408547afe9 (restated: recorded as 71d2ab860087+changes; the changes were committed" in table
+    assert "restated" not in train.provenance_table("recipes/x.yaml", [{**sessions[0], "restated": ""}])

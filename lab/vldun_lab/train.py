@@ -486,12 +486,16 @@ def code_version() -> str:
 
 
 def provenance_table(recipe: str, sessions: list[dict[str, Any]]) -> str:
-    """Markdown for the model card: each session of the run, where it started and ended, on what and with which code."""
+    """Markdown for the model card: each session of the run, where it started and ended, on what and with which code.
+
+    A session whose code was restated after the fact (`restated`: what was recorded and why the commit shown is
+    the code it ran) says so in its row, so the card never hides a correction."""
     lines = [f"Trained by `vldun train {recipe}` in {len(sessions)} session(s):", "",
              "| started (UTC) | machine | scan | code | from | to | minutes |", "|---|---|---|---|---|---|---|"]
     for s in sessions:
         start, end = (f"{stage} {step}" for stage, step in (s["from"], s.get("to", s["from"])))
-        lines.append(f"| {s['started']} | {s['machine']} | {s.get('scan', 'PyTorch')} | {s['code']} | {start} | {end} "
+        code = f"{s['code']} (restated: {s['restated']})" if s.get("restated") else s["code"]
+        lines.append(f"| {s['started']} | {s['machine']} | {s.get('scan', 'PyTorch')} | {code} | {start} | {end} "
                      f"| {s['seconds'] / 60:.1f} |")
     total = sum(s["seconds"] for s in sessions) / 3600
     return "\n".join([*lines, "", f"Total: {total:.2f} hours.", ""])
