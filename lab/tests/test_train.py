@@ -388,6 +388,19 @@ def test_csv_log_has_one_row_per_step_of_each_stage(reference: Path) -> None:
         assert math.isfinite(float(row["loss"])) and float(row["loss"]) == pytest.approx(parts, rel=1e-4)
 
 
+def test_a_checkpoint_whose_two_files_disagree_is_refused(resumed: Resumed, tmp_path: Path) -> None:
+    """Tensors of one step with the JSON of another (a stop between the renames, one file copied or committed
+    without the other) would resume with the wrong step and optimizer state; the pair must match."""
+    for name in ("checkpoint.safetensors", "checkpoint.json"):
+        (tmp_path / name).write_bytes((resumed.run / name).read_bytes())
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    train.check_checkpoint_pair(tmp_path / "checkpoint.safetensors", meta)  # as written: accepted
+    (tmp_path / "checkpoint.json").write_text(json.dumps({**meta, "step": meta["step"] - 1}))
+    with pytest.raises(ValueError, match=f"checkpoint.json is at joint step {meta['step'] - 1} but "
+                                         f"checkpoint.safetensors at joint step {meta['step']}"):
+        train.load_checkpoint(tmp_path, torch.nn.Module())
+
+
 def test_resumed_log_continues_without_repeating_steps(resumed: Resumed) -> None:
     rows = read_log(resumed.run)
     assert [(r["stage"], int(r["step"])) for r in rows] == [

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -861,7 +862,7 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimize
         for name, value in values.items():
             tensors[f"optim.{index}.{name}"] = torch.as_tensor(value).contiguous().cpu()
     tmp = out / "checkpoint.tmp.safetensors"
-    save_file(tensors, str(tmp))
+    save_file(tensors, str(tmp), metadata={"stage": stage, "step": str(step)})
     meta = {"stage": stage, "step": step, "param_groups": opt["param_groups"], **(record or {})}
     (out / "checkpoint.tmp.json").write_text(json.dumps(meta))
     tmp.replace(out / "checkpoint.safetensors")
@@ -872,9 +873,23 @@ def load_checkpoint(out: Path, model: nn.Module) -> dict[str, Any]:
     path = out / "checkpoint.safetensors"
     if not path.is_file():
         raise ValueError(f"No checkpoint in {out} to resume from; start without --resume.")
+    meta = json.loads((out / "checkpoint.json").read_text())
+    check_checkpoint_pair(path, meta)
     tensors = load_file(str(path))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    return json.loads((out / "checkpoint.json").read_text())
+    return meta
+
+
+def check_checkpoint_pair(path: Path, meta: Mapping[str, Any]) -> None:
+    """Refuse tensors and JSON of different steps (a stop between the two renames, a copy or commit of one file
+    only): a resume from them would repeat or skip steps with the wrong optimizer state, silently.
+    Checkpoints written before the tensors carried their step are taken as they are."""
+    with safe_open(str(path), framework="pt") as handle:
+        stamp = handle.metadata() or {}
+    if "step" in stamp and (stamp.get("stage"), int(stamp["step"])) != (meta.get("stage"), meta.get("step")):
+        raise ValueError(f"{path.parent}: checkpoint.json is at {meta.get('stage')} step {meta.get('step')} but "
+                         f"checkpoint.safetensors at {stamp.get('stage')} step {stamp['step']}; the two were not "
+                         "written or copied together. Restore both files of one checkpoint, or start without --resume")
 
 
 def load_optimizer(out: Path, optimizer: torch.optim.Optimizer) -> None:
