@@ -37,7 +37,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -188,6 +188,8 @@ class RunConfig:
                 raise ValueError(f"{name} is a share of the batch, 0 to 1; got {getattr(self, name)}")
         if self.rec_loss not in REC_LOSSES:
             raise ValueError(f"rec_loss must be one of {sorted(REC_LOSSES)}; got {self.rec_loss!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads is a number of CPU threads, at least 1; got {self.threads}")
         if self.segment_native and not self.joint_native_fraction:
             raise ValueError("segment_native trains segmentation on stage 2's native tiles; set joint_native_fraction "
                              "above 0 (e.g. 0.25)")
@@ -915,9 +917,7 @@ def train_from_file(path: Path, resume: bool = False, out: str | Path | None = N
     """
     run = load_run_config(path, out)
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads is a number of CPU threads, at least 1; got {threads}")
-        run.threads = threads
+        run = replace(run, threads=threads)  # checked as the config's own `threads:` is
     if time_steps:
         trainer = Trainer(run, recipe=recipe_name(path))
         for stage, seconds in trainer.time_steps(time_steps).items():
