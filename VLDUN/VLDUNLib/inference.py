@@ -5,7 +5,7 @@ for 512x512x300 volumes. Intensities are normalised by the same function as in t
 (`intensity.fit_window`, fitted once on the whole volume); the network's correction is mapped back to the
 input's scale and voxels outside the window keep their own values (`intensity.restore_outside_window`).
 The segmentation head covers the classes of every training dataset; the user's task selects which are reported (`tasks.Task`), or with task "auto" the detected modality's task.
-A scan unlike the training data (`ood.MahalanobisOOD`) is restored but, in "auto", not segmented.
+A scan unlike the training data (`ood.NearestNeighbourOOD`) is restored but, in "auto", not segmented.
 """
 
 from __future__ import annotations
@@ -269,8 +269,8 @@ class VolumePredictor:
         return self.with_task(detection, task)
 
     def unknown_score(self, prior: PriorOutput, probability: float) -> tuple[float | None, bool]:
-        """(score, flagged): the Mahalanobis distance of the embedding when the model has statistics, else
-        (None, modality probability under `ood_threshold`)."""
+        """(score, flagged): the embedding's cosine distance to the nearest training scan when the model has
+        unknown-scan references, else (None, modality probability under `ood_threshold`)."""
         statistics = self.info.ood
         if statistics is None:
             return None, probability < self.info.ood_threshold

@@ -54,7 +54,7 @@ class PriorOutput:
     def embedding(self) -> torch.Tensor:
         """(B, E) unit visual embedding E_v(y) (the first prior token); pooled, the mean over the slices.
 
-        What the unknown-scan score measures (`ood.MahalanobisOOD`): unlike the class probabilities it is not
+        What the unknown-scan score measures (`ood.NearestNeighbourOOD`): unlike the class probabilities it is not
         forced onto one of the training modalities.
         """
         return self.tokens[:, 0]

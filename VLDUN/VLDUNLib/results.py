@@ -55,7 +55,7 @@ class Detection:
     modality_key: str = ""
     """The model's modality class, e.g. "ACDC/MRI", for machines."""
     ood_score: Optional[float] = None
-    """Distance of the scan's embedding to the nearest training modality (`ood.MahalanobisOOD.score`); None
+    """Cosine distance of the scan's embedding to the nearest training scan (`ood.NearestNeighbourOOD.score`); None
     for models without statistics (they compare the modality probability with `ModelInfo.ood_threshold`)."""
     task: Optional[str] = None
     """The task whose classes `segments` lists ("heart", ...); None when the scan was not segmented."""

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import PRESETS, VLDUNConfig
-from .ood import MahalanobisOOD
+from .ood import NearestNeighbourOOD
 from .tasks import Task, default_modality_names, derive_tasks
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class ModelInfo:
     """Modality key -> what a person reads, e.g. "ACDC/MRI" -> "MRI · heart, cine"; empty: the defaults."""
     tasks: dict[str, Task] = field(default_factory=dict)
     """Task id -> its classes, e.g. "heart"; empty: derived from `dataset_classes`."""
-    ood: MahalanobisOOD | None = None
+    ood: NearestNeighbourOOD | None = None
     """Unknown-scan statistics of the prior's embedding (`vldun calibrate-ood`); None: `ood_threshold` is used."""
     segment_native: bool = False
     """The segmentation head learned on tiles at the scans' own pixel size too, so inference segments each slice
@@ -255,14 +255,16 @@ def _checked_info(meta: dict[str, Any], json_path: Path) -> ModelInfo:
         raise WeightsError(f"{json_path.name}: segment_native must be true or false, got {segment_native!r}.")
     try:
         tasks = {k: Task.from_dict(v) for k, v in (meta.get("tasks") or {}).items()}
-        statistics = MahalanobisOOD.from_dict(meta["ood"]) if meta.get("ood") else None
+        statistics = NearestNeighbourOOD.from_dict(meta["ood"]) if meta.get("ood") else None
     except (KeyError, TypeError, ValueError) as error:
-        raise WeightsError(f"{json_path.name}: invalid tasks or ood statistics ({error}); re-export the model.") from error
+        raise WeightsError(f"{json_path.name}: invalid tasks or ood statistics ({error}).") from error
     bad = [i for t in tasks.values() for i in t.classes if not 0 < i < config.num_classes]
     if bad:
         raise WeightsError(f"{json_path.name}: task class indices {bad} are outside the head's classes.")
-    if statistics and set(statistics.means) - set(config.modalities):
-        raise WeightsError(f"{json_path.name}: ood statistics name modality classes the model does not have.")
+    if statistics and (not config.use_prior or statistics.references.shape[1] != config.prior.embed_dim):
+        raise WeightsError(f"{json_path.name}: ood references of length {statistics.references.shape[1]} do not fit "
+                           f"this model's prior (embedding length {config.prior.embed_dim}, use_prior "
+                           f"{config.use_prior}); recalibrate with `vldun calibrate-ood --weights WEIGHTS --write`.")
     return ModelInfo(config, classes, dataset_classes, ood, train_size, meta.get("extra", {}),
                      dict(meta.get("modality_names") or {}), tasks, statistics, segment_native)
 

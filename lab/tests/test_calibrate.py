@@ -5,11 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from model_factory import DATA, tiny_predictor
-from vldun_lab.calibrate import Embeddings, calibrate, false_alarms, held_out_false_alarms, volume_embedding
+from vldun_lab.calibrate import (
+    QUANTILES,
+    Embeddings,
+    calibrate,
+    false_alarms,
+    held_out_false_alarms,
+    quantile_for,
+    split_of,
+    volume_embedding,
+)
 from vldun_lab.datasets import read_dataset
 from vldun_lab.evaluate import Protocol
 from vldun_lab.unseen import checkerboard, natural, noise
-from VLDUNLib.weights import load_model, save_weights, rewrite_info
+from VLDUNLib.weights import load_model, rewrite_info, save_weights
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +30,9 @@ def small_sets():
 
 def test_the_threshold_flags_about_the_quantile_of_held_out_scans(small_sets):
     predictor = tiny_predictor(modalities=("COVID19CT/CT", "AbdomenCT/CT"))
-    ood, validation = calibrate(predictor, small_sets, Protocol(size=0), quantile=0.8)
-    assert set(ood.means) == {"COVID19CT/CT", "AbdomenCT/CT"} and ood.threshold > 0
+    ood, validation, quantile = calibrate(predictor, small_sets, Protocol(size=0), quantile=0.8)
+    training_scans = sum(2 * len(split_of(predictor, d)[0]) * len(d.channels) for d in small_sets)  # clean, degraded
+    assert ood.references.shape == (training_scans, predictor.model.prior.token_dim) and ood.threshold > 0
     flagged = [ood.is_unknown(ood.score(v)) for v in validation.vectors]
     assert 0 < np.mean(flagged) <= 0.2  # never more than 1 - quantile
     assert sum(e["scans"] for e in false_alarms(ood, validation).values()) == len(validation.vectors)
@@ -38,7 +48,8 @@ def test_the_statistics_are_written_into_the_json_and_the_tensors_stay(small_set
     path = tmp_path / "model.safetensors"
     save_weights(predictor.model, predictor.info, path)
     tensors = path.read_bytes()
-    predictor.info.ood, _ = calibrate(predictor, small_sets, Protocol(size=0))
+    predictor.info.ood, _, quantile = calibrate(predictor, small_sets, Protocol(size=0))
+    assert quantile in QUANTILES
     rewrite_info(path, predictor.info)
     _, info = load_model(path)
     assert path.read_bytes() == tensors and info.ood.threshold == predictor.info.ood.threshold
@@ -137,3 +148,12 @@ def test_a_case_is_left_out_whole():
     sources = [f"D/c{i}/x/degraded" for i in range(1, 19)] + ["D/top/x/clean", "D/top/x/degraded"]
     rates = held_out_false_alarms(_FirstValue(), Embeddings(vectors, ["D/x"] * 20, sources), 0.95, 1.0)
     assert rates["all"] == {"flagged": 0.1, "scans": 20}
+
+
+def test_the_quantile_is_the_lowest_whose_held_out_false_alarms_meet_the_target():
+    # 100 one-scan cases scoring 1..100: judged by the others, 96-100 are flagged at the 0.95 quantile (5 %),
+    # 97-100 at 0.96 (4 %); none is within 0 %, so the highest quantile is taken
+    scores, cases = np.arange(1.0, 101.0), np.array([f"D/c{i}" for i in range(100)])
+    assert quantile_for(scores, cases, 1.0, 0.05) == 0.95
+    assert quantile_for(scores, cases, 1.0, 0.04) == 0.96
+    assert quantile_for(scores, cases, 1.0, 0.0) == QUANTILES[-1]

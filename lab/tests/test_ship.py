@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from model_factory import tiny_predictor
 from vldun_lab.ship import (
@@ -14,7 +15,7 @@ from vldun_lab.ship import (
     ship,
     shipping_problems,
 )
-from VLDUNLib.ood import MahalanobisOOD
+from VLDUNLib.ood import NearestNeighbourOOD
 from VLDUNLib.weights import read_model_info, save_weights, sha256_of
 
 HEAD = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPOSITORY, capture_output=True, text=True,
@@ -26,7 +27,7 @@ def finished_info(**extra):
     """A tiny model's info as a finished run of recipes/vldun_compact.yaml would record it."""
     predictor = tiny_predictor()
     info = predictor.info
-    info.ood = MahalanobisOOD({"ACDC/MRI": [0.0, 0.0]}, [[1.0, 0.0], [0.0, 1.0]], threshold=3.0)
+    info.ood = NearestNeighbourOOD(np.eye(info.config.prior.embed_dim)[:2], threshold=0.1)
     info.extra = {"recipe": "recipes/vldun_compact.yaml", "run": {"joint": {"steps": 8000}},
                   "sessions": [{"started": "2026-12-06T04:00:00Z", "machine": "cpu", "code": HEAD,
                                 "from": ["prior", 0], "to": ["joint", 8000], "seconds": 60.0}], **extra}

@@ -157,9 +157,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate-ood", help="fit the unknown-scan statistics of a model on its training datasets")
     p.add_argument("--data", nargs="+", required=True, help="the model's training dataset folders")
     p.add_argument("--weights", default=None, help="a .safetensors model (default: the shipped weights)")
-    p.add_argument("--quantile", type=float, default=0.95,
-                   help="share of validation scans (degraded and clean) under the threshold (default 0.95: about 5 %% flagged)")
-    p.add_argument("--margin", type=float, default=1.0, help="factor on that quantile's distance")
+    p.add_argument("--quantile", type=float, default=None,
+                   help="share of validation scans (degraded and clean) under the threshold (default: the lowest of "
+                        "0.95-0.99 whose held-out false alarms are within --max-false-alarms)")
+    p.add_argument("--max-false-alarms", type=float, default=0.05,
+                   help="most false alarms on held-out scans of the training datasets when choosing the quantile")
+    p.add_argument("--margin", type=float, default=1.0, help="factor on that quantile's score")
     p.add_argument("--max-train-cases", type=int, default=None,
                    help="at most this many training cases per dataset for the statistics (default: all)")
     p.add_argument("--unseen", action="store_true",

@@ -955,8 +955,8 @@ def calibrate_exported(weights: Path, data: list[str]) -> None:
     if any(d.endswith(prepared.SUFFIX) for d in data):
         raise ValueError("calibrate_ood reads the dataset folders; list them as `data:` instead of a prepared file")
     predictor = VolumePredictor(weights, device="cuda" if torch.cuda.is_available() else "cpu")
-    ood, validation = calibrate(predictor, read_datasets(data), Protocol(size=0))
+    ood, validation, quantile = calibrate(predictor, read_datasets(data), Protocol(size=0))
     predictor.info.ood = ood
     rewrite_info(weights, predictor.info)
     rates = ", ".join(f"{group} {entry['flagged']:.0%}" for group, entry in false_alarms(ood, validation).items())
-    print(f"Unknown-scan threshold {ood.threshold:.3f}; validation scans flagged: {rates}")
+    print(f"Unknown-scan threshold {ood.threshold:.4f} (quantile {quantile}); validation scans flagged: {rates}")

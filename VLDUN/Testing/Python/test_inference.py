@@ -352,15 +352,17 @@ def test_a_volume_the_network_leaves_unchanged_comes_back_bit_identical(volume, 
 
 
 def with_ood_at(predictor, volume, distance: float):
-    """The predictor with statistics that put `volume`'s embedding at `distance` from the only class mean,
-    threshold 1."""
-    from VLDUNLib.ood import MahalanobisOOD
+    """The predictor with one reference scan at cosine distance `distance` from `volume`'s embedding, threshold 0.1."""
+    from VLDUNLib.ood import NearestNeighbourOOD, unit_rows
 
     window = fit_window(volume)
     embedding = predictor.slice_prior(predictor._slices(volume, window, prior_slice_indices(len(volume)))).embedding
-    mean = embedding[0].double().numpy().copy()
-    mean[0] += distance
-    predictor.info.ood = MahalanobisOOD({"ACDC/MRI": mean}, np.eye(len(mean)), 1.0)
+    e = unit_rows(embedding[0].double().numpy())
+    other = np.random.default_rng(0).normal(size=e.shape)
+    other = unit_rows(other - (other @ e) * e)  # orthogonal to e
+    cosine = 1.0 - distance
+    reference = cosine * e + np.sqrt(1.0 - cosine**2) * other
+    predictor.info.ood = NearestNeighbourOOD(reference[None], 0.1)
     return predictor
 
 
@@ -370,15 +372,15 @@ def test_the_detection_is_readable_and_keeps_the_key_for_machines(volume):
     assert detection.task == "heart" and detection.segmentation_note == ""
 
 
-def test_the_unknown_scan_score_is_the_distance_to_the_training_modality(volume):
-    near = with_ood_at(tiny_predictor(), volume, 0.5).predict(volume).detection
-    far = with_ood_at(tiny_predictor(), volume, 3.0).predict(volume).detection
-    assert near.ood_score == pytest.approx(0.5, abs=1e-4) and not near.out_of_distribution
-    assert far.ood_score == pytest.approx(3.0, abs=1e-4) and far.out_of_distribution
+def test_the_unknown_scan_score_is_the_distance_to_the_nearest_training_scan(volume):
+    near = with_ood_at(tiny_predictor(), volume, 0.05).predict(volume).detection
+    far = with_ood_at(tiny_predictor(), volume, 0.5).predict(volume).detection
+    assert near.ood_score == pytest.approx(0.05, abs=1e-5) and not near.out_of_distribution
+    assert far.ood_score == pytest.approx(0.5, abs=1e-5) and far.out_of_distribution
 
 
 def test_auto_leaves_an_unknown_scan_unsegmented_and_says_how_to_force_a_task(volume):
-    prediction = with_ood_at(tiny_predictor(), volume, 3.0).predict(volume)
+    prediction = with_ood_at(tiny_predictor(), volume, 0.5).predict(volume)
     assert prediction.detection.segments == [] and prediction.detection.task is None
     assert not prediction.labels.any() and prediction.restored.shape == volume.shape
     assert "unlike the training data" in prediction.detection.segmentation_note
@@ -386,7 +388,7 @@ def test_auto_leaves_an_unknown_scan_unsegmented_and_says_how_to_force_a_task(vo
 
 
 def test_a_named_task_segments_even_an_unknown_scan(volume):
-    predictor = with_ood_at(tiny_predictor(), volume, 3.0)
+    predictor = with_ood_at(tiny_predictor(), volume, 0.5)
     auto_free = tiny_predictor().predict(volume)
     forced = predictor.predict(volume, task="heart")
     assert forced.detection.out_of_distribution and forced.detection.task == "heart"

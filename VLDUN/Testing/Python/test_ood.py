@@ -1,40 +1,41 @@
-"""The unknown-scan score: Mahalanobis distance of the prior's embedding to the nearest training modality."""
+"""The unknown-scan score: cosine distance of the prior's embedding to the nearest training scan."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from VLDUNLib.ood import MahalanobisOOD, fit_mahalanobis
+from VLDUNLib.ood import NearestNeighbourOOD, unit_rows
 
 
-def clusters(rng: np.random.Generator, n: int = 200) -> tuple[np.ndarray, list[str]]:
-    a = rng.normal(0.0, 1.0, (n, 8))
-    b = rng.normal(0.0, 1.0, (n, 8)) + 10.0
-    return np.concatenate([a, b]), ["A"] * n + ["B"] * n
+def test_the_score_is_the_cosine_distance_to_the_nearest_reference_whatever_the_length():
+    ood = NearestNeighbourOOD(np.eye(3)[:2], threshold=0.3)
+    assert ood.score(np.array([0.0, 5.0, 0.0])) == pytest.approx(0.0)  # a training scan, scaled
+    assert ood.score(np.array([0.0, 0.0, 2.0])) == pytest.approx(1.0)  # orthogonal to both
+    assert ood.score(np.array([-1.0, -1.0, 0.0])) == pytest.approx(1.0 + np.sqrt(0.5))  # opposite: beyond 1
+    assert not ood.is_unknown(ood.score(np.array([1.0, 0.2, 0.0]))) and ood.is_unknown(ood.score(np.ones(3)))
 
 
-def test_training_samples_are_near_and_far_points_far():
+def test_a_scan_near_any_one_training_cluster_passes_though_it_is_far_from_their_mean():
     rng = np.random.default_rng(0)
-    x, keys = clusters(rng)
-    means, precision = fit_mahalanobis(x, keys)
-    ood = MahalanobisOOD(means, precision, threshold=5.0)
-    assert np.allclose(means["B"], 10.0, atol=0.3)
-    inside = [ood.score(v) for v in rng.normal(0.0, 1.0, (100, 8))]
-    assert np.mean([ood.is_unknown(s) for s in inside]) < 0.05
-    assert ood.is_unknown(ood.score(np.full(8, 5.0))) and ood.is_unknown(ood.score(np.full(8, -8.0)))
+    a = np.array([1.0, 0, 0, 0]) + rng.normal(0, 0.05, (50, 4))
+    b = np.array([0, 1.0, 0, 0]) + rng.normal(0, 0.05, (50, 4))
+    ood = NearestNeighbourOOD(unit_rows(np.concatenate([a, b])), threshold=0.05)
+    assert not ood.is_unknown(ood.score(np.array([0.02, 1.0, 0.01, 0.0])))
+    assert ood.is_unknown(ood.score(np.array([1.0, 1.0, 0.0, 0.0])))  # the mean of the two: no training scan there
 
 
-def test_fewer_samples_than_dimensions_still_give_a_finite_precision():
-    rng = np.random.default_rng(1)
-    means, precision = fit_mahalanobis(rng.normal(size=(6, 32)), ["A", "B"] * 3)
-    assert np.isfinite(precision).all() and np.linalg.eigvalsh(precision).min() > 0
-
-
-def test_statistics_round_trip_and_bad_ones_are_refused():
-    ood = MahalanobisOOD({"A": np.zeros(3)}, np.eye(3), 2.0)
-    again = MahalanobisOOD.from_dict(ood.to_dict())
-    assert again.threshold == 2.0 and again.score(np.array([0.0, 3.0, 4.0])) == pytest.approx(5.0)
-    with pytest.raises(ValueError, match="precision"):
-        MahalanobisOOD({"A": np.zeros(3)}, np.eye(2), 2.0)
-    with pytest.raises(ValueError, match="positive"):
-        MahalanobisOOD({"A": np.zeros(3)}, np.eye(3), 0.0)
+def test_references_round_trip_exactly_and_bad_ones_are_refused():
+    ood = NearestNeighbourOOD(unit_rows(np.random.default_rng(1).normal(size=(7, 16))), 0.3)
+    again = NearestNeighbourOOD.from_dict(ood.to_dict())
+    probe = np.random.default_rng(2).normal(size=16)
+    assert again.threshold == 0.3 and again.score(probe) == ood.score(probe)
+    with pytest.raises(ValueError, match="unit length"):
+        NearestNeighbourOOD(np.ones((2, 3)), 0.3)
+    with pytest.raises(ValueError, match="non-empty"):
+        NearestNeighbourOOD(np.zeros((0, 3)), 0.3)
+    with pytest.raises(ValueError, match="cosine distance"):
+        NearestNeighbourOOD(np.eye(3), 0.0)
+    with pytest.raises(ValueError, match="length 4"):
+        ood.score(np.ones(4))
+    with pytest.raises(ValueError, match="calibrate-ood"):
+        NearestNeighbourOOD.from_dict({"method": "mahalanobis"})

@@ -8,7 +8,13 @@ import pytest
 import torch
 from model_factory import tiny_config
 from VLDUNLib.network import VLDUN
-from VLDUNLib.weights import ModelInfo, WeightsError, config_sha256, load_model, save_weights
+from VLDUNLib.weights import (
+    ModelInfo,
+    WeightsError,
+    config_sha256,
+    load_model,
+    save_weights,
+)
 
 
 @pytest.fixture()
@@ -100,12 +106,12 @@ def test_pickles_and_missing_configs_are_refused(saved, tmp_path):
 
 def test_names_tasks_and_ood_statistics_survive_the_round_trip(tmp_path):
     import numpy as np
-    from VLDUNLib.ood import MahalanobisOOD
+    from VLDUNLib.ood import NearestNeighbourOOD, unit_rows
     from VLDUNLib.tasks import Task
     from VLDUNLib.weights import rewrite_info
 
     config = tiny_config(modalities=("A/MRI", "B/CT"))
-    ood = MahalanobisOOD({"A/MRI": np.zeros(16), "B/CT": np.ones(16)}, np.eye(16), 3.5)
+    ood = NearestNeighbourOOD(unit_rows(np.random.default_rng(0).normal(size=(5, 16))), 0.25)
     info = ModelInfo(config, ["background", "A/x", "A/y", "B/z"], {"A": [1, 2], "B": [3]},
                      modality_names={"A/MRI": "MRI · heart, cine"}, tasks={"heart": Task("Heart", ("A",), (1, 2))},
                      ood=ood)
@@ -114,10 +120,10 @@ def test_names_tasks_and_ood_statistics_survive_the_round_trip(tmp_path):
     _, loaded = load_model(path)
     assert loaded.modality_names == {"A/MRI": "MRI · heart, cine", "B/CT": "B/CT"}
     assert loaded.tasks == {"heart": Task("Heart", ("A",), (1, 2))}
-    assert loaded.ood.threshold == 3.5 and np.array_equal(loaded.ood.means["B/CT"], np.ones(16))
-    loaded.ood = MahalanobisOOD(ood.means, ood.precision, 4.0)
+    assert loaded.ood.threshold == 0.25 and np.array_equal(loaded.ood.references, ood.references)
+    loaded.ood = NearestNeighbourOOD(ood.references, 0.5)
     rewrite_info(path, loaded)
-    assert load_model(path)[1].ood.threshold == 4.0
+    assert load_model(path)[1].ood.threshold == 0.5
 
 
 def test_a_config_without_names_or_tasks_gets_the_shipped_defaults(saved):
@@ -155,4 +161,17 @@ def test_segment_native_is_false_unless_the_json_says_true(saved):
     assert load_model(path)[1].segment_native is True
     edit_config(path, lambda m: m.update(segment_native="yes"))
     with pytest.raises(WeightsError, match="segment_native must be true or false"):
+        load_model(path)
+
+
+def test_ood_references_of_another_prior_are_refused_on_load(tmp_path):
+    import numpy as np
+    from VLDUNLib.ood import NearestNeighbourOOD
+
+    config = tiny_config(modalities=("A/MRI", "B/CT"))
+    info = ModelInfo(config, ["background", "A/x", "A/y", "B/z"], {"A": [1, 2], "B": [3]},
+                     ood=NearestNeighbourOOD(np.eye(3), 0.2))
+    path = tmp_path / "model.safetensors"
+    save_weights(VLDUN(config).eval(), info, path)
+    with pytest.raises(WeightsError, match="length 3 do not fit"):
         load_model(path)
