@@ -4,6 +4,8 @@ and what the exported model records about its making."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,27 @@ def test_a_session_that_runs_out_pauses_and_its_resume_equals_an_uninterrupted_r
     assert table[0] == "Trained by `vldun train run.yaml` in 5 session(s):"
     assert [row.split(" | ")[4:6] for row in table[4:9]] == [
         ["prior 0", "prior 1"], ["prior 1", "joint 1"], ["joint 1", "joint 2"], ["joint 2", "joint 3"], ["joint 3", "joint 4"]]
+
+
+def test_a_stop_signal_pauses_after_the_step_under_way_and_the_run_resumes(
+    data: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]  # noqa: F811
+) -> None:
+    config = write_config(tmp_path, clean_settings(data, tmp_path / "run"))
+    step = train.Trainer.train_step
+
+    def signalled(self: train.Trainer, stage: str, index: int, *args: Any) -> dict[str, float]:
+        if (stage, index) == ("joint", 1):
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` from a shell while the step runs
+        return step(self, stage, index, *args)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(train.Trainer, "train_step", signalled)
+    assert train_from_file(config) is None
+    state = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert (state["stage"], state["step"]) == ("joint", 2) and signal.getsignal(signal.SIGTERM) is handler
+    assert "Paused at stage joint, step 2 of 4: stopped by SIGTERM" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert train_from_file(config, resume=True) is not None
 
 
 def test_a_resume_with_changed_settings_is_refused_naming_them(data: list[Path], tmp_path: Path) -> None:  # noqa: F811

@@ -117,7 +117,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--out", default=None, help="run folder instead of the config's `out:`")
     p.add_argument("--session-minutes", type=float, default=None,
-                   help="checkpoint and stop after this many minutes; --resume continues exactly where it stopped")
+                   help="checkpoint and stop after this many minutes; --resume continues exactly where it stopped "
+                        "(`kill PID` or Ctrl-C also stops it after the step under way, checkpointed)")
     p.add_argument("--export-checkpoint", default=None, metavar="WEIGHTS",
                    help="train nothing: write the run's latest checkpoint as interim weights (.safetensors) to "
                         "evaluate while the run goes on")

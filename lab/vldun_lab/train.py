@@ -33,10 +33,12 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
+import threading
 import time
-from collections.abc import Sequence
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from fnmatch import fnmatch
 from pathlib import Path
@@ -505,7 +507,33 @@ def provenance_table(recipe: str, sessions: list[dict[str, Any]]) -> str:
 
 
 class SessionOver(Exception):
-    """The session's minutes are spent; the checkpoint just written continues the run (`--resume`)."""
+    """The session's minutes are spent, or a stop was asked for; the checkpoint just written continues the run
+    (`--resume`)."""
+
+
+@contextmanager
+def stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """SIGTERM or a first Ctrl-C asks `trainer` to pause after the step under way, checkpointed, instead of dying
+    with up to `checkpoint_every` steps lost; a second one acts as usual. Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def request_stop(number: int, _frame: object) -> None:
+        trainer.stop_requested = signal.Signals(number).name
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        print(f"\n{trainer.stop_requested}: pausing after this step (a second one stops at once)", flush=True)
+
+    for s in signals:
+        signal.signal(s, request_stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class Trainer:
@@ -516,6 +544,8 @@ class Trainer:
         self.recipe = recipe
         self.out = Path(run.out)
         self.deadline = time.monotonic() + 60 * session_minutes if session_minutes else None
+        self.stop_requested = ""
+        """The signal that asked the run to pause (`stop_on_signals`), else empty."""
         self.sessions: list[dict[str, Any]] = []
         self.rank, self.world = init_distributed()
         self.device = torch.device(f"cuda:{self.rank % max(1, torch.cuda.device_count())}" if torch.cuda.is_available() else "cpu")
@@ -654,15 +684,16 @@ class Trainer:
         (self.out / "run.json").write_text(json.dumps(asdict(self.run), indent=2) + "\n")
         self.begin_session(state["stage"] or self.stages()[0], state["step"])
         try:
-            for stage in self.stages():
-                done = state["stage"] is not None and self.stages().index(stage) < self.stages().index(state["stage"])
-                if done:
-                    continue
-                first = state["step"] if state["stage"] == stage else 0
-                self.run_stage(stage, first, state if state["stage"] == stage else None)
+            with stop_on_signals(self):
+                for stage in self.stages():
+                    done = state["stage"] is not None and self.stages().index(stage) < self.stages().index(state["stage"])
+                    if done:
+                        continue
+                    first = state["step"] if state["stage"] == stage else 0
+                    self.run_stage(stage, first, state if state["stage"] == stage else None)
         except SessionOver as pause:
-            print(f"Paused at {pause}: the session's minutes are spent. Continue with `vldun train CONFIG --resume` "
-                  f"(checkpoint in {self.out}).")
+            why = f"stopped by {self.stop_requested}" if self.stop_requested else "the session's minutes are spent"
+            print(f"Paused at {pause}: {why}. Continue with `vldun train CONFIG --resume` (checkpoint in {self.out}).")
             return None
         return self.export()
 
@@ -731,7 +762,8 @@ class Trainer:
             log.write(stage, step, optimizer.param_groups[0]["lr"], values)
             last = step + 1 == cfg.steps
             over_time = limit is not None and time.monotonic() - stage_start > limit
-            paused = self.deadline is not None and time.monotonic() > self.deadline and not (last or over_time)
+            ended = bool(self.stop_requested) or (self.deadline is not None and time.monotonic() > self.deadline)
+            paused = ended and not (last or over_time)
             if self.rank == 0 and ((step + 1) % self.run.checkpoint_every == 0 or last or over_time or paused):
                 self.checkpoint(optimizer, stage, step + 1)
             if over_time:
