@@ -980,7 +980,7 @@ def calibrate_exported(weights: Path, data: list[str]) -> None:
     (`vldun calibrate-ood --write` with the default protocol)."""
     from VLDUNLib.inference import VolumePredictor
 
-    from .calibrate import calibrate, false_alarms
+    from .calibrate import calibrate, held_out_false_alarms
     from .datasets import read_datasets
     from .evaluate import Protocol
 
@@ -990,5 +990,7 @@ def calibrate_exported(weights: Path, data: list[str]) -> None:
     ood, validation, quantile = calibrate(predictor, read_datasets(data), Protocol(size=0))
     predictor.info.ood = ood
     rewrite_info(weights, predictor.info)
-    rates = ", ".join(f"{group} {entry['flagged']:.0%}" for group, entry in false_alarms(ood, validation).items())
-    print(f"Unknown-scan threshold {ood.threshold:.4f} (quantile {quantile}); validation scans flagged: {rates}")
+    held_out = held_out_false_alarms(ood, validation, quantile, 1.0)
+    rates = ", ".join(f"{group} {entry['flagged']:.0%}" for group, entry in held_out.items())
+    print(f"Unknown-scan threshold {ood.threshold:.4f} (quantile {quantile}); validation scans flagged, each case "
+          f"against the threshold of the others: {rates}")
