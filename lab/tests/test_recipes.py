@@ -81,6 +81,8 @@ def test_the_smoke_recipe_exports_a_calibrated_model_with_the_none_class_and_eve
     assert info.tasks["brain_tumour"].datasets == ("BraTS2015", "BraTS2018")
     assert info.modality_names["BraTS2018/T1"] == "MRI · brain, T1"
     assert info.extra["recipe"] == "recipe.yaml" and len(info.extra["sessions"]) == 2
+    assert info.extra["run"]["data"] == list(STAND_INS) and info.extra["run"]["joint"]["steps"] == 4
+    assert str(smoke_run.parents[1]) not in smoke_run.with_suffix(".json").read_text()  # shipped: no machine paths
     assert sum(map(len, info.extra["training_cases"].values())) == 5 * 4
 
 

@@ -806,7 +806,7 @@ class Trainer:
             tasks=self.labels.tasks(),
             segment_native=self.run.segment_native,
             extra={
-                "run": asdict(self.run),
+                "run": resume_identity(self.run),  # the settings, datasets by name: no path of this machine
                 "datasets": list(self.slices.validation_cases),
                 "validation_cases": self.slices.validation_cases,
                 "training_cases": self.slices.training_cases,
