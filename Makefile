@@ -27,15 +27,17 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/vldun benchmark --json bench.json
 
-# Every figure of the model card (the lab's commands; the developer datasets in ../shared/data; the unseen sets
-# of `apt install invesalius-examples mricron-data` are used where installed): held-out figures at 128 px and at
-# each scan's own size, with the U-Net peer beside the model, then unknown-scan and healthy-brain figures.
+# Every figure of the model card (the lab's commands; the five developer datasets in ../shared/data; the unseen
+# sets of `apt install invesalius-examples mricron-data` are used where installed): held-out figures at 128 px and
+# at each scan's own size, then unknown-scan and healthy-brain figures. BASELINE=runs/unet_baseline/model.safetensors
+# (from `vldun train recipes/unet_baseline.yaml`) puts the joint U-Net's figures beside the model's.
 WEIGHTS ?= VLDUN/Resources/Models/vldun_compact.safetensors
-BASELINE ?= lab/models/unet_baseline.safetensors
-DATA ?= $(wildcard ../shared/data/Dataset00[1-4]_*)
+BASELINE ?=
+DATA ?= $(wildcard ../shared/data/Dataset00[1-47]_*)
+PEER = $(if $(BASELINE),--baseline $(BASELINE))
 report: $(STAMP)
-	$(VENV)/bin/vldun evaluate --data $(DATA) --weights $(WEIGHTS) --baseline $(BASELINE) --out report/size128
-	$(VENV)/bin/vldun evaluate --data $(DATA) --weights $(WEIGHTS) --baseline $(BASELINE) --size 0 --out report/native
+	$(VENV)/bin/vldun evaluate --data $(DATA) --weights $(WEIGHTS) $(PEER) --out report/size128
+	$(VENV)/bin/vldun evaluate --data $(DATA) --weights $(WEIGHTS) $(PEER) --size 0 --out report/native
 	$(VENV)/bin/vldun calibrate-ood --data $(DATA) --weights $(WEIGHTS) --unseen --json report/unknown_scans.json
 
 clean:

@@ -138,8 +138,9 @@ def test_shipped_model_has_the_four_tasks_and_readable_modalities():
 
     _, info = read_model_info(DEFAULT_WEIGHTS)
     assert list(info.tasks) == ["heart", "brain_tumour", "lung_infection", "abdominal_organs"]
-    assert info.tasks["brain_tumour"].classes == (4, 5, 6, 7)
+    assert info.tasks["brain_tumour"].classes == (4, 5, 6, 7, 12)  # BraTS 2015's four sub-regions, BraTS 2018's whole tumour
     assert info.modality_names["BraTS2015/FLAIR"] == "MRI · brain, FLAIR"
+    assert info.modality_names["BraTS2018/T1"] == "MRI · brain, T1" and info.config.degradations[-1] == "none"
 
 
 def test_task_classes_outside_the_head_are_refused(saved):
