@@ -11,11 +11,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 import yaml
+from model_factory import tiny_predictor
 from safetensors.torch import load_file
+from vldun_lab.evaluate import check_ablation, prior_fingerprint
 from vldun_lab.train import load_run_config, train_from_file
 from VLDUNLib.config import NO_DEGRADATION
 from VLDUNLib.inference import VolumePredictor
-from VLDUNLib.weights import read_model_info
+from VLDUNLib.weights import read_model_info, save_weights
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 STAND_INS = {
@@ -112,3 +114,20 @@ def test_a_design_comparison_differs_from_its_control_in_its_setting_alone(name:
     if setting == "model":
         extra = {k: v for k, v in variant.model.items() if control.model.get(k) != v}
         assert extra == {"channels": 36, "blocks": [1, 1, 2]}
+
+
+def test_an_ablation_row_from_another_prior_than_the_full_rows_is_refused(tmp_path: Path) -> None:
+    """Rows train stage 2 on a copy of the shipped prior; if the shipped weights change between two rows, the
+    row's evaluation must refuse rather than report a difference that mixes in a new prior."""
+    full, row = tiny_predictor(), tiny_predictor(ablation="no_fd")
+    torch.manual_seed(1)
+    for p in row.model.prior.parameters():
+        p.data.normal_()
+    save_weights(full.model, full.info, tmp_path / "full.safetensors")
+    save_weights(row.model, row.info, tmp_path / "row.safetensors")
+    with pytest.raises(ValueError, match="different CLIP priors"):
+        check_ablation(row, "no_fd", tmp_path / "row.safetensors", tmp_path / "full.safetensors")
+    row.model.prior.load_state_dict(full.model.prior.state_dict())  # the same prior, the rest still its own
+    save_weights(row.model, row.info, tmp_path / "row.safetensors")
+    check_ablation(row, "no_fd", tmp_path / "row.safetensors", tmp_path / "full.safetensors")
+    assert prior_fingerprint(tmp_path / "row.safetensors") == prior_fingerprint(tmp_path / "full.safetensors")

@@ -16,7 +16,8 @@ the model has no class for, modality accuracy is replaced by the share of cases 
 training data. `ood_fraction` is that share for every dataset: for a training dataset it is the false-alarm
 rate of the unknown-scan score (`VLDUNLib.ood`). `cases.csv` lists every case with its own figures and what
 the prior detected, to find the scans a mean hides; `degradation_confusion` in metrics.json (and the last
-table of table.md) says which degradations the prior takes for which.
+table of table.md) says which degradations the prior takes for which. `prior_sha256` fingerprints the weights'
+CLIP prior, so rows of an ablation or design table can be seen (and, with `--ablation`, are checked) to share it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from VLDUNLib.config import ABLATIONS, DEGRADATION_PROMPTS, NO_DEGRADATION
 from VLDUNLib.degradations import (
     DEGRADATIONS,
@@ -518,11 +520,35 @@ def ablation_weights(name: str) -> Path:
 MIRROR_NOTE = "; segmentation averaged over the slice and its 3 mirror images (`--mirror`), model and baseline"
 
 
-def check_ablation(predictor: VolumePredictor, name: str) -> None:
+def prior_fingerprint(weights: Path) -> str | None:
+    """SHA-256 of the CLIP prior's tensors in a weights file (None without a prior). Rows that train stage 2 only
+    keep the prior they copied unchanged, so rows with different fingerprints started from different priors."""
+    with safe_open(str(weights), framework="pt") as handle:
+        names = handle.keys()  # a safetensors handle is not iterable
+        keys = sorted(k for k in names if k.startswith("prior."))
+        if not keys:
+            return None
+        digest = hashlib.sha256()
+        for key in keys:
+            digest.update(key.encode())
+            digest.update(handle.get_tensor(key).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_ablation(predictor: VolumePredictor, name: str, weights: Path | None = None,
+                   control: Path | None = None) -> None:
+    """Refuse weights that are not the named row, or whose prior differs from the control row's (`control`, the
+    full model's weights): the table's differences would then mix the ablation with a change of prior."""
     config = predictor.model.config
     wrong = {k: v for k, v in ABLATIONS[name].items() if getattr(config, k) != v}
     if wrong:
         raise ValueError(f"These weights are not the {name!r} ablation (config differs in {sorted(wrong)}).")
+    if weights is None or control is None or not control.is_file() or Path(weights).resolve() == control.resolve():
+        return
+    mine, theirs = prior_fingerprint(Path(weights)), prior_fingerprint(control)
+    if mine is not None and theirs is not None and mine != theirs:
+        raise ValueError(f"{weights} and the full row {control} started from different CLIP priors (the shipped "
+                         "weights changed between them); train both rows again from the same shipped weights.")
 
 
 def evaluate_command(args: Namespace) -> dict[str, Any]:
@@ -530,7 +556,7 @@ def evaluate_command(args: Namespace) -> dict[str, Any]:
     protocol = Protocol(args.acceleration, args.center_fraction, args.spokes, args.size)
     predictor = VolumePredictor(weights, device=args.device, mirror=args.mirror)
     if args.ablation:
-        check_ablation(predictor, args.ablation)
+        check_ablation(predictor, args.ablation, Path(weights), ABLATION_RUNS / "full" / "model.safetensors")
     baseline = VolumePredictor(args.baseline, device=args.device, mirror=args.mirror) if args.baseline else None
     return write_report(predictor, read_datasets(args.data), protocol, Path(args.out), args.max_cases,
                         str(weights or DEFAULT_WEIGHTS), baseline)
@@ -553,6 +579,7 @@ def write_report(
         "weights": weights_name,
         "mirror": predictor.mirror,
         "architecture": predictor.model.config.architecture,
+        "prior_sha256": prior_fingerprint(Path(weights_name)) if Path(weights_name).is_file() else None,
         "datasets": {d.name: evaluator.evaluate(d, max_cases, out / "montages") for d in datasets},
     }
     if baseline is not None:
@@ -565,7 +592,8 @@ def write_report(
     text = (markdown_table(report) + (comparison(report) if baseline is not None else "")
             + trust_table(report, native=protocol.size == 0)
             + degradation_table(report))
-    (out / "table.md").write_text(f"Protocol: {protocol.describe()}\n\nWeights: {weights_name}"
+    prior = f" (CLIP prior {report['prior_sha256'][:12]})" if report["prior_sha256"] else ""
+    (out / "table.md").write_text(f"Protocol: {protocol.describe()}\n\nWeights: {weights_name}{prior}"
                                   f"{MIRROR_NOTE if predictor.mirror else ''}\n\n" + text)
     print(text)
     print(f"Report written to {out}/ (metrics.json, table.md, cases.csv, montages/)")
