@@ -105,6 +105,7 @@ def test_every_recipe_reads_on_a_cpu_and_on_a_gpu(path: Path) -> None:
 
 @pytest.mark.parametrize(("name", "setting"), [
     ("segment_native", "segment_native"), ("seg_weight_2", "seg_weight"), ("width_36", "model"),
+    ("psnr_uncapped", "psnr_cap_db"),
 ])
 def test_a_design_comparison_differs_from_its_control_in_its_setting_alone(name: str, setting: str) -> None:
     control = load_run_config(RECIPES / "ablations" / "full.yaml", cuda=False)

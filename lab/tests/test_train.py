@@ -619,6 +619,23 @@ def test_psnr_loss_weighs_a_slice_by_its_relative_error() -> None:
     assert gains[0] == pytest.approx(gains[1], rel=1e-5) and gains[0] > 0
 
 
+def test_a_slice_restored_above_the_psnr_cap_gets_no_gradient_and_the_others_theirs_unchanged() -> None:
+    """An undegraded slice restored to 70 dB must not outweigh the degraded ones (the log's 1/MSE gradient)."""
+    clean = torch.zeros(2, 1, 8, 8)
+    restored = (torch.tensor([1e-1, 10 ** -3.5]).view(2, 1, 1, 1) * torch.ones(2, 1, 8, 8)).requires_grad_()  # 20, 70 dB
+    train.negative_psnr_loss(restored, clean).backward()
+    uncapped = restored.grad.clone()
+    restored.grad = None
+    train.negative_psnr_loss(restored, clean, cap_db=50).backward()
+    assert uncapped[1].abs().sum() > 100 * uncapped[0].abs().sum()
+    assert restored.grad[1].abs().sum() == 0 and torch.equal(restored.grad[0], uncapped[0])
+
+
+def test_the_psnr_cap_belongs_to_the_psnr_loss() -> None:
+    with pytest.raises(ValueError, match="psnr_cap_db caps"):
+        train.RunConfig(data=["x"], out="y", rec_loss="l1", psnr_cap_db=50)
+
+
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
